@@ -7,7 +7,6 @@ the way in, integral numbers come back as ``int`` (what a DynamoDB read gives, m
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterator, Mapping
 from datetime import datetime
 from decimal import Context, Decimal, DecimalException
