@@ -1,0 +1,131 @@
+"""The Sender contract, held by every implementation: the in-memory fake, the SQLite sandbox and
+the Twilio adapter (through the real SDK against the local fake of Twilio)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from channel_processor.adapters.sandbox_sender import SandboxSender
+from channel_processor.adapters.twilio_sender import TwilioSender
+from channel_processor.domain import SendRequest, Template, utcnow
+from channel_processor.errors import SendRejected
+from channel_processor.ports import Sender, TwilioCredentials
+from tests.fakes.sender import FakeSender
+from tests.fakes.twilio_server import (
+    ACCOUNT_SID,
+    CONTENT_BODY,
+    CONTENT_SID,
+    TwilioFake,
+    twilio_fake,  # noqa: F401  (fixture)
+)
+
+TEMPLATE = Template(sid=CONTENT_SID, body=CONTENT_BODY, variables=("1", "2", "3"))
+RECIPIENT = "+12025550123"
+OTHER_RECIPIENT = "+447700900123"
+COMPANY = "+14155552671"
+VARIABLES = {"1": "Ana", "2": "Sam", "3": "Acme Solar"}
+
+
+@dataclass
+class Case:
+    sender: Sender
+    credentials: TwilioCredentials
+
+
+@pytest.fixture(params=["fake", "sandbox", "twilio"])
+def case(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Case]:
+    if request.param == "fake":
+        yield Case(FakeSender(templates={TEMPLATE.sid: TEMPLATE}), _credentials())
+    elif request.param == "sandbox":
+        sandbox = SandboxSender(tmp_path / "sandbox.db", {TEMPLATE.sid: TEMPLATE})
+        yield Case(sandbox, _credentials())
+        sandbox.close()
+    else:
+        fake: TwilioFake = request.getfixturevalue("twilio_fake")
+        yield Case(TwilioSender(timeout_seconds=5, base_url=fake.base_url), fake.credentials())
+
+
+def _credentials() -> TwilioCredentials:
+    return TwilioCredentials(account_sid=ACCOUNT_SID, auth_token="token", template_sid=CONTENT_SID)
+
+
+def _request(to: str = RECIPIENT, **changes: object) -> SendRequest:
+    fields: dict[str, object] = {
+        "to": to,
+        "from_": COMPANY,
+        "content_sid": CONTENT_SID,
+        "variables": dict(VARIABLES),
+    }
+    fields.update(changes)
+    return SendRequest(**fields)  # type: ignore[arg-type]
+
+
+def test_a_sent_message_is_found_by_a_lookup_from_just_before_the_send(case: Case) -> None:
+    # given a moment just before the send
+    since = utcnow() - timedelta(seconds=2)
+    # when a message is sent
+    sent = case.sender.send(case.credentials, _request())
+    # then it has a Twilio-like SID and a lookup from that moment finds it
+    assert sent.sid.startswith("SM") and len(sent.sid) == 34
+    found = case.sender.find_sent(case.credentials, RECIPIENT, COMPANY, since)
+    assert [m.sid for m in found] == [sent.sid]
+
+
+def test_a_lookup_from_after_the_send_does_not_find_the_message(case: Case) -> None:
+    # given a message sent now
+    case.sender.send(case.credentials, _request())
+    # when the lookup starts later than the send
+    found = case.sender.find_sent(
+        case.credentials, RECIPIENT, COMPANY, utcnow() + timedelta(seconds=3)
+    )
+    # then nothing is found
+    assert found == []
+
+
+def test_a_lookup_finds_only_messages_to_that_recipient(case: Case) -> None:
+    # given a message to one recipient
+    since = utcnow() - timedelta(seconds=2)
+    case.sender.send(case.credentials, _request())
+    # when another recipient is looked up
+    found = case.sender.find_sent(case.credentials, OTHER_RECIPIENT, COMPANY, since)
+    # then nothing is found
+    assert found == []
+
+
+def test_a_lookup_matches_numbers_with_or_without_the_channel_prefix(case: Case) -> None:
+    # given a message sent to a number written with the channel prefix
+    since = utcnow() - timedelta(seconds=2)
+    sent = case.sender.send(case.credentials, _request(to=f"whatsapp:{RECIPIENT}"))
+    # when it is looked up with the bare number
+    found = case.sender.find_sent(case.credentials, RECIPIENT, f"whatsapp:{COMPANY}", since)
+    # then it is found
+    assert [m.sid for m in found] == [sent.sid]
+
+
+def test_template_returns_the_body_and_the_variable_names(case: Case) -> None:
+    # when the template is fetched
+    template = case.sender.template(case.credentials, CONTENT_SID)
+    # then its body and variable names are the configured ones
+    assert template == TEMPLATE
+
+
+def test_an_unknown_template_is_rejected(case: Case) -> None:
+    # when a template that does not exist is fetched, then the send is rejected for good
+    with pytest.raises(SendRejected):
+        case.sender.template(case.credentials, "HX" + "0" * 32)
+
+
+def test_a_variable_with_a_newline_is_rejected_naming_it_and_nothing_is_sent(case: Case) -> None:
+    # given a variable value Twilio would refuse
+    since = utcnow() - timedelta(seconds=2)
+    bad = _request(variables={**VARIABLES, "2": "Sam\nSmith"})
+    # when it is sent, then it is rejected naming the variable
+    with pytest.raises(SendRejected, match="'2'"):
+        case.sender.send(case.credentials, bad)
+    # and no message exists
+    assert case.sender.find_sent(case.credentials, RECIPIENT, COMPANY, since) == []
