@@ -18,6 +18,7 @@ PREFIX = "CP_"
 ENV_STORE = "CP_STORE"  # dynamodb | sqlite
 ENV_COMPOSER = "CP_COMPOSER"  # openai | offline
 ENV_SENDER = "CP_SENDER"  # twilio | sandbox
+ENV_SECRETS = "CP_SECRETS"  # secretsmanager | local
 ENV_TABLE_NAME = "CP_TABLE_NAME"
 ENV_QUEUE_URL = "CP_QUEUE_URL"
 ENV_DLQ_URL = "CP_DLQ_URL"
@@ -47,6 +48,7 @@ ENV_LOG_LEVEL = "LOG_LEVEL"
 STORES = ("dynamodb", "sqlite")
 COMPOSERS = ("openai", "offline")
 SENDERS = ("twilio", "sandbox")
+SECRET_SOURCES = ("secretsmanager", "local")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -55,6 +57,7 @@ class Settings:
     store: str = "dynamodb"
     composer: str = "openai"
     sender: str = "twilio"
+    secrets: str = "secretsmanager"
     table_name: str = "conversations"
     queue_url: str | None = None
     dlq_url: str | None = None
@@ -85,9 +88,16 @@ class Settings:
 
     def __post_init__(self) -> None:
         problems = []
-        for name, allowed in (("store", STORES), ("composer", COMPOSERS), ("sender", SENDERS)):
+        for name, allowed in (
+            ("store", STORES),
+            ("composer", COMPOSERS),
+            ("sender", SENDERS),
+            ("secrets", SECRET_SOURCES),
+        ):
             if getattr(self, name) not in allowed:
-                problems.append(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+                problems.append(
+                    f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
+                )
         if self.log_level not in LOG_LEVELS:
             problems.append(f"log_level must be one of {', '.join(LOG_LEVELS)}")
         if self.heartbeat_interval_seconds <= 0:
@@ -95,7 +105,9 @@ class Settings:
         if not 0 < self.heartbeat_extension_seconds <= 43_200:
             problems.append("heartbeat_extension_seconds must be in 1..43200 (SQS's 12-hour cap)")
         if self.heartbeat_interval_seconds >= self.heartbeat_extension_seconds:
-            problems.append("heartbeat_interval_seconds must be shorter than heartbeat_extension_seconds")
+            problems.append(
+                "heartbeat_interval_seconds must be shorter than heartbeat_extension_seconds"
+            )
         for name in (
             "max_receive_count",
             "batch_concurrency",
@@ -118,7 +130,9 @@ class Settings:
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         if local:
-            values.update(store="sqlite", composer="offline", sender="sandbox")
+            values.update(
+                store="sqlite", composer="offline", sender="sandbox", secrets="local", log_level="WARNING"
+            )
         problems: list[str] = []
         for f in fields(cls):
             var = _ENV_OF_FIELD.get(f.name)
@@ -141,6 +155,7 @@ _ENV_OF_FIELD = {
     "store": ENV_STORE,
     "composer": ENV_COMPOSER,
     "sender": ENV_SENDER,
+    "secrets": ENV_SECRETS,
     "table_name": ENV_TABLE_NAME,
     "queue_url": ENV_QUEUE_URL,
     "dlq_url": ENV_DLQ_URL,
@@ -179,6 +194,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "store": _lower,
     "composer": _lower,
     "sender": _lower,
+    "secrets": _lower,
     "heartbeat_interval_seconds": float,
     "heartbeat_extension_seconds": int,
     "max_receive_count": int,

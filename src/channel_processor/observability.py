@@ -1,0 +1,78 @@
+"""JSON logs with correlation keys bound per record, and the metrics recorder the pipeline reports to.
+
+Keys are bound per thread (records of a batch run on their own threads), so a line always carries the
+conversation it is about. Phone numbers are masked before they reach a line; secrets never do.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+from aws_lambda_powertools import Logger
+
+SERVICE = "whatsapp-channel-processor"
+STEP8_EVENT = "final_db_update_failed"
+
+
+class _CurrentStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is now (test capture, CLI redirection), not at import."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+logger = Logger(service=SERVICE, logger_handler=_CurrentStderrHandler(), use_rfc3339=True)
+
+
+def set_level(level: str) -> None:
+    logger.setLevel(level)
+
+
+@contextmanager
+def log_context(**keys: Any) -> Iterator[None]:
+    """Bind correlation keys (conversation_id, request_id, message_id) for this thread."""
+    present = {k: v for k, v in keys.items() if v is not None}
+    logger.thread_safe_append_keys(**present)
+    try:
+        yield
+    finally:
+        logger.thread_safe_remove_keys(list(present))
+
+
+class Metrics(Protocol):
+    """Counters per outcome and per-step latency (EMF in AWS, counted in memory locally)."""
+
+    def count(self, name: str, value: int = 1, **dimensions: str) -> None: ...
+
+    def latency(self, step: str, milliseconds: float) -> None: ...
+
+
+class InMemoryMetrics:
+    """Thread-safe counters: the CLI's summary and the tests read them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counts: Counter[str] = Counter()
+        self.latencies: dict[str, list[float]] = {}
+
+    def count(self, name: str, value: int = 1, **dimensions: str) -> None:
+        label = name + "".join(f"[{k}={v}]" for k, v in sorted(dimensions.items()))
+        with self._lock:
+            self.counts[name] += value
+            if dimensions:
+                self.counts[label] += value
+
+    def latency(self, step: str, milliseconds: float) -> None:
+        with self._lock:
+            self.latencies.setdefault(step, []).append(milliseconds)
