@@ -93,6 +93,7 @@ class OpenAIFake:
     base_url: str = ""
     script: Script = fill_schema
     conversation_fault: Fault | None = None
+    conversation_delay: float = 0.0
     requests: list[Recorded] = field(default_factory=list)
     conversations: dict[str, dict[str, Any]] = field(default_factory=dict)
     response_calls: int = 0
@@ -130,6 +131,7 @@ class OpenAIFake:
         return _error(Fault(404, message=f"Invalid URL ({method} {path})"))
 
     def _create_conversation(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        self.wait(self.conversation_delay)
         if self.conversation_fault is not None:
             self.wait(self.conversation_fault.delay)
             return _error(self.conversation_fault)
@@ -286,7 +288,10 @@ def start_openai_fake() -> tuple[OpenAIFake, Callable[[], None]]:
     server.fake = fake
     host, port = server.server_address[:2]
     fake.base_url = f"http://{host}:{port}/v1"
-    thread = threading.Thread(target=server.serve_forever, name="openai-fake", daemon=True)
+    # A short poll interval keeps shutdown (and so each test's teardown) quick.
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="openai-fake", daemon=True
+    )
     thread.start()
 
     def stop() -> None:
@@ -298,9 +303,10 @@ def start_openai_fake() -> tuple[OpenAIFake, Callable[[], None]]:
     return fake, stop
 
 
-@pytest.fixture()
-def openai_fake() -> Iterator[OpenAIFake]:
-    """A fresh OpenAI fake per test (import this fixture into the test module)."""
+@pytest.fixture(name="openai_fake")
+def openai_fake_fixture() -> Iterator[OpenAIFake]:
+    """Fixture ``openai_fake``: a fresh fake per test. A test module enables it with
+    ``from tests.fakes.openai_server import openai_fake_fixture  # noqa: F401``."""
     fake, stop = start_openai_fake()
     try:
         yield fake
