@@ -147,8 +147,12 @@ def new_item(item: Mapping[str, Any]) -> dict[str, Any]:
     return {name: to_storable(v) for name, v in item.items() if not is_blank(name, v)}
 
 
-def check_changes(changes: Mapping[str, Any], append_message: object) -> None:
+def check_changes(
+    changes: Mapping[str, Any], append_message: object, increment_attempts: bool
+) -> None:
     """Reject updates no store can apply (programming errors, not store failures)."""
+    if not changes and append_message is None and not increment_attempts:
+        raise ValueError("an update must change something")
     for name in KEY_ATTRS:
         if name in changes:
             raise ValueError(f"{name} is part of the key and cannot be updated")
@@ -256,7 +260,7 @@ class DynamoDBConversationStore:
         append_message: Mapping[str, Any] | None = None,
         increment_attempts: bool = False,
     ) -> ConversationRecord:
-        check_changes(changes, append_message)
+        check_changes(changes, append_message, increment_attempts)
         if not expect.statuses:
             raise StateConflict("no status can match an empty expectation")
         expr = _Expression(self._serializer)
@@ -277,8 +281,6 @@ class DynamoDBConversationStore:
         if increment_attempts:
             count = expr.name(ATTEMPT_COUNT_ATTR)
             sets.append(f"{count} = if_not_exists({count}, {expr.value(0)}) + {expr.value(1)}")
-        if not sets and not removes:
-            raise ValueError("an update must change something")
         update = " ".join(
             part
             for part in (

@@ -212,7 +212,7 @@ class SQLiteConversationStore:
         append_message: Mapping[str, Any] | None = None,
         increment_attempts: bool = False,
     ) -> ConversationRecord:
-        check_changes(changes, append_message)
+        check_changes(changes, append_message, increment_attempts)
         with self._db.transaction() as connection:
             record = self._select(connection, key)
             if record is None or not _matches(expect, record):
