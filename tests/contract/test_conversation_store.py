@@ -447,7 +447,7 @@ def test_sqlite_store_reports_a_locked_database_as_unavailable(tmp_path: Path) -
     holder = sqlite3.connect(path, isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")
     try:
-        with pytest.raises(StoreUnavailable, match="SQLITE_BUSY|locked"):
+        with pytest.raises(StoreUnavailable, match=r"SQLITE_BUSY|locked"):
             store.create(make_item())
     finally:
         holder.execute("ROLLBACK")
