@@ -453,7 +453,11 @@ class TwilioFakeServer:
         host, port = self._server.server_address[:2]
         self.fake.base_url = f"http://{host!s}:{port}"
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name="twilio-fake", daemon=True
+            # A short poll interval so shutdown() at the end of each test returns quickly.
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="twilio-fake",
+            daemon=True,
         )
         self._thread.start()
         return self.fake
