@@ -14,7 +14,7 @@ from decimal import Decimal
 from typing import Any
 
 import phonenumbers
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 from channel_processor.domain import RecordKey
 from channel_processor.errors import InvalidInput, NoConsent
@@ -37,7 +37,8 @@ class RecipientData(_Model):
     recipient_last_name: str | None = None
     recipient_tel: str = Field(min_length=1)
     recipient_email: str | None = None
-    comms_consent: bool | None = None
+    # Strict: "yes", 1 or "true" must not count as consent.
+    comms_consent: StrictBool | None = None
 
 
 class RequestData(_Model):
