@@ -4,6 +4,7 @@ the Twilio adapter (through the real SDK against the local fake of Twilio)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -13,9 +14,9 @@ import pytest
 from channel_processor.adapters.sandbox_sender import SandboxSender
 from channel_processor.adapters.twilio_sender import TwilioSender
 from channel_processor.domain import SendRequest, Template, utcnow
-from channel_processor.errors import SendRejected
+from channel_processor.errors import SendOutcomeUnknown, SendRejected
 from channel_processor.ports import Sender, TwilioCredentials
-from tests.fakes.sender import FakeSender
+from tests.fakes.sender import AcceptThenRaise, FakeSender
 from tests.fakes.twilio_server import (
     ACCOUNT_SID,
     CONTENT_BODY,
@@ -129,3 +130,49 @@ def test_a_variable_with_a_newline_is_rejected_naming_it_and_nothing_is_sent(cas
         case.sender.send(case.credentials, bad)
     # and no message exists
     assert case.sender.find_sent(case.credentials, RECIPIENT, COMPANY, since) == []
+
+
+def test_concurrent_sends_each_get_their_own_message(case: Case) -> None:
+    # given twelve sends from four threads at once
+    since = utcnow() - timedelta(seconds=2)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        sent = list(pool.map(lambda _: case.sender.send(case.credentials, _request()), range(12)))
+    # then every send has its own SID and the lookup finds all of them
+    sids = {m.sid for m in sent}
+    assert len(sids) == 12
+    found = case.sender.find_sent(case.credentials, RECIPIENT, COMPANY, since)
+    assert {m.sid for m in found} == sids
+
+
+def test_the_sandbox_lists_what_it_recorded_with_the_rendered_preview(tmp_path: Path) -> None:
+    # given a sandbox that "sent" one message
+    sandbox = SandboxSender(tmp_path / "nested" / "local.db", {TEMPLATE.sid: TEMPLATE})
+    sent = sandbox.send(_credentials(), _request())
+    # when its messages are listed (by a new instance on the same file, as the CLI would)
+    listed = SandboxSender(tmp_path / "nested" / "local.db", {}).messages()
+    # then the message is there, addressed like Twilio's, with its variables and preview
+    assert len(listed) == 1
+    message = listed[0]
+    assert message.sid == sent.sid
+    assert (message.to, message.from_) == (f"whatsapp:{RECIPIENT}", f"whatsapp:{COMPANY}")
+    assert message.content_sid == CONTENT_SID
+    assert message.variables == VARIABLES
+    assert message.rendered == sent.body == TEMPLATE.render(VARIABLES)
+    assert message.created_at == sent.created_at
+    sandbox.close()
+
+
+def test_the_fake_can_accept_a_message_and_then_report_an_unknown_outcome() -> None:
+    # given a fake scripted to accept the send and lose the answer
+    def script(op: str, request: object) -> object:
+        return AcceptThenRaise(SendOutcomeUnknown("reset")) if op == "send" else None
+
+    fake = FakeSender(script=script, templates={TEMPLATE.sid: TEMPLATE})
+    since = utcnow() - timedelta(seconds=2)
+    # when it is sent, then the caller sees the unknown outcome
+    with pytest.raises(SendOutcomeUnknown):
+        fake.send(_credentials(), _request())
+    # and the message exists, as it would at Twilio
+    assert fake.sends_to(RECIPIENT) == 1
+    assert len(fake.find_sent(_credentials(), RECIPIENT, COMPANY, since)) == 1
+    assert [op for op, _ in fake.calls] == ["send", "find_sent"]
