@@ -71,7 +71,8 @@ OPENAI_KEY = "ai_api_key"
 
 
 def parse_twilio_credentials(raw: str, name: str) -> TwilioCredentials:
-    """``{twilio_account_sid, twilio_auth_token, twilio_template_sid[, twilio_messaging_service_sid]}``."""
+    """A JSON object with ``twilio_account_sid``, ``twilio_auth_token``, ``twilio_template_sid``
+    and optionally ``twilio_messaging_service_sid``."""
     data = _json_object(raw, name)
     missing = [key for key in TWILIO_REQUIRED_KEYS if not _is_text(data.get(key))]
     if missing:
@@ -100,7 +101,9 @@ def parse_openai_key(raw: str, name: str) -> str:
         try:
             data = json.loads(text)
         except ValueError:
-            raise SecretInvalid(f"secret {name!r} is not valid JSON", code="secret_not_json") from None
+            raise SecretInvalid(
+                f"secret {name!r} is not valid JSON", code="secret_not_json"
+            ) from None
         if isinstance(data, dict):
             key = data.get(OPENAI_KEY)
             if not _is_text(key):

@@ -74,7 +74,7 @@ def composer(request: pytest.FixtureRequest) -> Iterator[Composer]:
         yield OpenAIComposer(base_url=fake.base_url)
 
 
-# --- every composer -------------------------------------------------------------------------------
+# --- every composer ---
 
 
 def test_draft_has_exactly_the_template_variables_and_the_rendered_body(composer: Composer) -> None:
@@ -101,7 +101,7 @@ def test_a_given_thread_id_is_kept_on_the_draft(composer: Composer) -> None:
     assert second.thread_id == first.thread_id
 
 
-# --- offline composer -----------------------------------------------------------------------------
+# --- offline composer ---
 
 
 def test_offline_composer_reads_paths_and_literals_from_the_context() -> None:
@@ -154,7 +154,7 @@ def test_offline_composer_refuses_a_template_variable_it_has_no_mapping_for() ->
     assert TEMPLATE.sid in str(caught.value)
 
 
-# --- OpenAI composer (through the real SDK) -------------------------------------------------------
+# --- OpenAI composer (through the real SDK) ---
 
 
 def test_openai_opens_a_conversation_and_counts_tokens(openai_fake: OpenAIFake) -> None:

@@ -142,7 +142,10 @@ class OpenAIFake:
             "metadata": body.get("metadata") or {},
         }
         with self._lock:
-            self.conversations[conversation["id"]] = {**conversation, "items": list(body.get("items") or [])}
+            self.conversations[conversation["id"]] = {
+                **conversation,
+                "items": list(body.get("items") or []),
+            }
         return 200, conversation
 
     def _create_response(self, body: dict[str, Any], answer: Answer) -> tuple[int, dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""``FakeSecretSource``: values from a dict, optionally scripted per call, counting gets per name."""
+"""``FakeSecretSource``: values from a dict, optionally scripted per call, gets counted per name."""
 
 from __future__ import annotations
 

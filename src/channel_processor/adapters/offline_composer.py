@@ -30,7 +30,8 @@ class OfflineComposer:
         bad = [str(name) for name, spec in mapping.items() if not isinstance(spec, str) or not spec]
         if bad:
             raise ConfigurationError(
-                f"offline composer mapping needs a non-empty path or '=literal' for: {', '.join(bad)}"
+                "offline composer mapping needs a non-empty path or '=literal' for: "
+                + ", ".join(bad)
             )
         self._mapping = dict(mapping)
 

@@ -45,7 +45,10 @@ def build_schema(template: Template) -> dict[str, Any]:
     return {
         "type": "object",
         "properties": {
-            name: {"type": "string", "description": f"Replaces {{{{{name}}}}} in the template body."}
+            name: {
+                "type": "string",
+                "description": f"Replaces {{{{{name}}}}} in the template body.",
+            }
             for name in template.variables
         },
         "required": list(template.variables),
@@ -81,7 +84,7 @@ def build_input(request: ComposeRequest) -> dict[str, Any]:
     return facts
 
 
-# --- the error table: the only place OpenAI SDK exceptions become ours -----------------------------
+# --- the error table: the only place OpenAI SDK exceptions become ours ---
 
 _Translate = Callable[[openai.OpenAIError], ProcessorError]
 
@@ -151,7 +154,7 @@ def translate_error(exc: openai.OpenAIError) -> ProcessorError:
     raise AssertionError("unreachable: OpenAIError is in the table")  # pragma: no cover
 
 
-# --- the adapter ---------------------------------------------------------------------------------
+# --- the adapter ---
 
 
 class OpenAIComposer:
@@ -195,7 +198,9 @@ class OpenAIComposer:
                 input=[
                     {
                         "role": "user",
-                        "content": json.dumps(build_input(request), ensure_ascii=False, default=str),
+                        "content": json.dumps(
+                            build_input(request), ensure_ascii=False, default=str
+                        ),
                     }
                 ],
                 conversation=thread_id,
@@ -287,7 +292,9 @@ class OpenAIComposer:
             raise ComposeFailed("the model refused to write the variables", code="refusal")
         details = response.incomplete_details
         if response.status == "incomplete" and details and details.reason == "content_filter":
-            raise ComposeFailed("the answer was stopped by the content filter", code="content_filter")
+            raise ComposeFailed(
+                "the answer was stopped by the content filter", code="content_filter"
+            )
         if response.status == "failed":
             error = response.error
             code = error.code if error else "response_failed"

@@ -67,7 +67,9 @@ def translate_error(exc: ClientError | BotoCoreError, name: str) -> ProcessorErr
             f"secret name {name!r} was refused by the SDK: {type(exc).__name__}",
             code="secret_invalid_parameter",
         )
-    return SecretsUnavailable(f"Secrets Manager unreachable for secret {name!r}: {type(exc).__name__}")
+    return SecretsUnavailable(
+        f"Secrets Manager unreachable for secret {name!r}: {type(exc).__name__}"
+    )
 
 
 class SecretsManagerSource:
