@@ -45,10 +45,12 @@ class LocalConfig:
             }
             return cls(templates, dict(data.get("secrets", {})), dict(data["offline_mapping"]))
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ConfigurationError(f"local config {path or '(packaged default)'}: {exc!r}") from exc
+            raise ConfigurationError(
+                f"local config {path or '(packaged default)'}: {exc!r}"
+            ) from exc
 
 
-def _boto_client(service: str, settings: Settings) -> Any:
+def _boto_client(service: Any, settings: Settings) -> Any:
     import boto3
     from botocore.config import Config
 
@@ -97,7 +99,11 @@ def build(settings: Settings, **overrides: Any) -> Pipeline:
 
 
 def _needs_local(settings: Settings) -> bool:
-    return settings.composer == "offline" or settings.sender == "sandbox" or settings.secrets == "local"
+    return (
+        settings.composer == "offline"
+        or settings.sender == "sandbox"
+        or settings.secrets == "local"
+    )
 
 
 def _store(settings: Settings, client: Any) -> Any:

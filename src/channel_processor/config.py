@@ -131,7 +131,11 @@ class Settings:
         values: dict[str, Any] = {}
         if local:
             values.update(
-                store="sqlite", composer="offline", sender="sandbox", secrets="local", log_level="WARNING"
+                store="sqlite",
+                composer="offline",
+                sender="sandbox",
+                secrets="local",
+                log_level="ERROR",
             )
         problems: list[str] = []
         for f in fields(cls):

@@ -236,48 +236,51 @@ def validate(
         for err in exc.errors():
             problems.append(f"{_path(err['loc'])}: {err['msg'].lower()}")
 
+    # These checks read the raw JSON, so they report even when other fields broke the model.
     recipient_tel = company_number = ""
-    fp = data.get("frontend_payload") if isinstance(data, Mapping) else None
-    recipient = fp.get("recipient_data") if isinstance(fp, Mapping) else None
-    raw_tel = recipient.get("recipient_tel") if isinstance(recipient, Mapping) else None
+    raw_tel = _dig(data, "frontend_payload", "recipient_data", "recipient_tel")
     if isinstance(raw_tel, str) and raw_tel.strip():
         try:
             recipient_tel = normalise_phone(raw_tel, default_region)
         except ValueError as exc:
             problems.append(f"$.frontend_payload.recipient_data.recipient_tel: {exc}")
-
-    if envelope is not None:
-        whatsapp = envelope.company_data_payload.channel_config.whatsapp
+    raw_company = _dig(
+        data, "company_data_payload", "channel_config", "whatsapp", "company_whatsapp_number"
+    )
+    if isinstance(raw_company, str) and raw_company.strip():
         try:
-            company_number = normalise_phone(whatsapp.company_whatsapp_number, default_region)
+            company_number = normalise_phone(raw_company, default_region)
         except ValueError as exc:
             problems.append(
-                "$.company_data_payload.channel_config.whatsapp.company_whatsapp_number: " + str(exc)
+                "$.company_data_payload.channel_config.whatsapp.company_whatsapp_number: "
+                + str(exc)
             )
-        request = envelope.frontend_payload.request_data
-        if request.channel_method.lower() != CHANNEL:
+    method = _dig(data, "frontend_payload", "request_data", "channel_method")
+    if isinstance(method, str) and method.strip() and method.strip().lower() != CHANNEL:
+        problems.append(
+            f"$.frontend_payload.request_data.channel_method: {method!r} is not {CHANNEL!r}"
+        )
+    company_id = _dig(data, "frontend_payload", "company_data", "company_id")
+    project_id = _dig(data, "frontend_payload", "company_data", "project_id")
+    request_id = _dig(data, "frontend_payload", "request_data", "request_id")
+    given_id = _dig(data, "conversation_data", "conversation_id")
+    parts = (company_id, project_id, request_id, given_id)
+    if company_number and all(isinstance(p, str) for p in parts):
+        wanted = expected_conversation_id(
+            str(company_id).strip(), str(project_id).strip(), str(request_id).strip(), company_number
+        )
+        if str(given_id).strip() != wanted:
             problems.append(
-                "$.frontend_payload.request_data.channel_method: "
-                f"{request.channel_method!r} is not {CHANNEL!r}"
+                "$.conversation_data.conversation_id: does not match "
+                "company_id#project_id#request_id#company number"
             )
-        company = envelope.frontend_payload.company_data
-        if company_number:
-            wanted = expected_conversation_id(
-                company.company_id, company.project_id, request.request_id, company_number
-            )
-            if envelope.conversation_data.conversation_id != wanted:
-                problems.append(
-                    "$.conversation_data.conversation_id: does not match "
-                    "company_id#project_id#request_id#company number"
-                )
-        if require_openai_key:
-            ai = envelope.company_data_payload.ai_config
-            cfg = ai.openai_config.whatsapp if ai and ai.openai_config else None
-            if not (cfg and cfg.api_key_reference):
-                problems.append(
-                    "$.company_data_payload.ai_config.openai_config.whatsapp.api_key_reference: "
-                    "field required"
-                )
+    if require_openai_key and not _dig(
+        data, "company_data_payload", "ai_config", "openai_config", "whatsapp", "api_key_reference"
+    ):
+        problems.append(
+            "$.company_data_payload.ai_config.openai_config.whatsapp.api_key_reference: "
+            "field required"
+        )
     if problems:
         raise InvalidInput(problems)
     assert envelope is not None
@@ -296,6 +299,14 @@ def require_consent(context: ContextObject) -> None:
             "$.frontend_payload.recipient_data.comms_consent: recipient has not consented",
             code="no_consent",
         )
+
+
+def _dig(data: Any, *path: str) -> Any:
+    for part in path:
+        if not isinstance(data, Mapping):
+            return None
+        data = data.get(part)
+    return data
 
 
 def identify(data: Any, default_region: str | None = None) -> RecordKey | None:

@@ -20,10 +20,10 @@ SERVICE = "whatsapp-channel-processor"
 STEP8_EVENT = "final_db_update_failed"
 
 
-class _CurrentStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class _CurrentStderrHandler(logging.StreamHandler[Any]):
     """Writes to whatever ``sys.stderr`` is now (test capture, CLI redirection), not at import."""
 
-    @property  # type: ignore[override]
+    @property
     def stream(self) -> Any:
         return sys.stderr
 

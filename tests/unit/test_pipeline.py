@@ -16,12 +16,12 @@ from channel_processor.errors import (
     SendOutcomeUnknown,
     SendRejected,
     SendThrottled,
+    StateConflict,
     StoreUnavailable,
 )
-from tests.fakes.sender import AcceptThenRaise, FakeSender
 from tests.fakes.composer import FakeComposer
 from tests.fakes.secrets import FakeSecretSource
-from tests.fakes.store import FakeConversationStore
+from tests.fakes.sender import AcceptThenRaise, FakeSender
 from tests.support import (
     OPENAI_SECRET,
     OPENAI_SECRET_NAME,
@@ -83,7 +83,9 @@ def test_final_update_failure_logs_critical_writes_repair_and_does_not_retry(
     assert result.outcome is Outcome.SENT and not result.should_retry
     assert world.sender.sends_to(RECIPIENT) == 1
     [pending] = world.repair_log.pending
-    assert pending.message_sid == result.message_sid and pending.conversation_id == KEY.conversation_id
+    assert (
+        pending.message_sid == result.message_sid and pending.conversation_id == KEY.conversation_id
+    )
     [line] = critical_lines(capsys.readouterr().err)
     assert line["event"] == "final_db_update_failed"
     assert line["conversation_id"] == KEY.conversation_id
@@ -123,7 +125,11 @@ def test_project_data_fractions_are_stored_as_decimal() -> None:
 
 
 def test_variables_are_cleaned_before_sending() -> None:
-    world = World(composer=FakeComposer(lambda req, n: {"1": "Amara\nJoy", "2": "Jo\tRep", "3": "North      wind's"}))
+    world = World(
+        composer=FakeComposer(
+            lambda req, n: {"1": "Amara\nJoy", "2": "Jo\tRep", "3": "North      wind's"}
+        )
+    )
     result = world.process(context_object())
     assert result.outcome is Outcome.SENT
     [sent] = world.sender.sent
@@ -135,7 +141,10 @@ def test_composer_keys_that_do_not_match_are_reasked_then_fail_without_sending()
     result = world.process(context_object())
     assert result.outcome is Outcome.FAILED
     assert world.composer.calls == world.settings.compose_attempts
-    assert world.composer.requests[1].feedback and "missing variables" in world.composer.requests[1].feedback
+    assert (
+        world.composer.requests[1].feedback
+        and "missing variables" in world.composer.requests[1].feedback
+    )
     assert world.sender.sent == []
     record = world.store.peek(KEY)
     assert record is not None and record.status is Status.FAILED_TO_PROCESS_AI
@@ -143,7 +152,9 @@ def test_composer_keys_that_do_not_match_are_reasked_then_fail_without_sending()
 
 
 def test_variable_empty_after_cleaning_is_permanent_before_any_send() -> None:
-    world = World(composer=FakeComposer(lambda req, n: {"1": " \n\t ", "2": "Jo", "3": "Northwind"}))
+    world = World(
+        composer=FakeComposer(lambda req, n: {"1": " \n\t ", "2": "Jo", "3": "Northwind"})
+    )
     result = world.process(context_object())
     assert result.outcome is Outcome.FAILED and world.sender.sent == []
     assert "empty after cleaning" in result.errors[0]
@@ -306,7 +317,9 @@ def test_expired_lease_is_taken_over_and_sent_once() -> None:
 
 
 def test_last_receive_marks_the_record_failed_and_forwards_to_the_dlq() -> None:
-    world = World(composer=FakeComposer(lambda req, n: (_ for _ in ()).throw(ComposerUnavailable("503"))))
+    world = World(
+        composer=FakeComposer(lambda req, n: (_ for _ in ()).throw(ComposerUnavailable("503")))
+    )
     result = world.process(context_object(), receive_count=world.settings.max_receive_count)
     record = world.store.peek(KEY)
     assert result.outcome is Outcome.FAILED and not result.should_retry
@@ -356,14 +369,24 @@ def test_sending_record_confirmed_absent_after_settle_window_is_sent_once() -> N
 
 
 def test_sending_record_within_settle_window_waits() -> None:
-    world = World(sender=FakeSender(script=lambda op, r: (_ for _ in ()).throw(SendOutcomeUnknown("x")) if op == "send" else None))
-    world.settings = world.settings.__class__(**{**world.settings.__dict__, "send_settle_seconds": 600.0})
+    world = World(
+        sender=FakeSender(
+            script=lambda op, r: (
+                (_ for _ in ()).throw(SendOutcomeUnknown("x")) if op == "send" else None
+            )
+        )
+    )
+    world.settings = world.settings.__class__(
+        **{**world.settings.__dict__, "send_settle_seconds": 600.0}
+    )
     assert world.process(context_object()).outcome is Outcome.RETRY
     second = world.process(context_object(), receive_count=2)
     assert second.outcome is Outcome.RETRY and second.status == "sending"
 
 
-def test_unverifiable_send_on_last_receive_needs_reconciliation(capsys: pytest.CaptureFixture[str]) -> None:
+def test_unverifiable_send_on_last_receive_needs_reconciliation(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     def lookup_down(op: str, request: Any) -> Any:
         if op == "send":
             return AcceptThenRaise(SendOutcomeUnknown("503 after acceptance"))
@@ -378,7 +401,9 @@ def test_unverifiable_send_on_last_receive_needs_reconciliation(capsys: pytest.C
     assert result.outcome is Outcome.FAILED
     assert record is not None and record.status is Status.NEEDS_RECONCILIATION
     assert world.sender.sends_to(RECIPIENT) == 1
-    assert any(line["event"] == "needs_reconciliation" for line in critical_lines(capsys.readouterr().err))
+    assert any(
+        line["event"] == "needs_reconciliation" for line in critical_lines(capsys.readouterr().err)
+    )
 
 
 def test_lost_lease_stops_before_the_send() -> None:
@@ -421,6 +446,8 @@ def test_a_record_moved_on_by_someone_else_is_never_overwritten() -> None:
     world.process(context_object())
     record = world.store.peek(KEY)
     assert record is not None
-    with pytest.raises(Exception):
-        world.store.update(KEY, Expect.status(Status.PROCESSING), {"conversation_status": "processing"})
+    with pytest.raises(StateConflict):
+        world.store.update(
+            KEY, Expect.status(Status.PROCESSING), {"conversation_status": "processing"}
+        )
     assert world.store.peek(KEY).status is Status.SENT  # type: ignore[union-attr]

@@ -42,7 +42,7 @@ def queue_url_from_arn(arn: str) -> str:
     """``arn:aws:sqs:REGION:ACCOUNT:NAME`` -> the queue URL (heartbeat needs it, the event has not)."""
     import boto3
 
-    _, partition, _, region, account, name = arn.split(":", 5)
+    _, _partition, _, region, account, name = arn.split(":", 5)
     client = boto3.client("sqs", region_name=region)
     url: str = client.get_queue_url(QueueName=name, QueueOwnerAWSAccountId=account)["QueueUrl"]
     return url
