@@ -71,8 +71,12 @@ class World:
     sender: FakeSender = field(default_factory=FakeSender)
     settings: Settings = field(
         default_factory=lambda: Settings(
-            store="sqlite", composer="offline", sender="sandbox", secrets="local",
-            send_settle_seconds=0.0, clock_skew_seconds=30.0,
+            store="sqlite",
+            composer="offline",
+            sender="sandbox",
+            secrets="local",
+            send_settle_seconds=0.0,
+            clock_skew_seconds=30.0,
         )
     )
     uses_openai: bool = True
@@ -93,7 +97,11 @@ class World:
         )
 
     def process(
-        self, data: dict[str, Any] | str, receive_count: int = 1, message_id: str = "m-1", **deps: Any
+        self,
+        data: dict[str, Any] | str,
+        receive_count: int = 1,
+        message_id: str = "m-1",
+        **deps: Any,
     ) -> ProcessResult:
         raw = data if isinstance(data, str) else body(data)
         return self.pipeline(**deps).process(

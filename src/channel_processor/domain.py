@@ -57,7 +57,9 @@ def utcnow() -> datetime:
 
 def iso(moment: datetime) -> str:
     """The one timestamp format of the record: ISO-8601, UTC, milliseconds, ``Z``."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    return (
+        moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    )
 
 
 def parse_iso(text: str) -> datetime:
@@ -298,9 +300,7 @@ class SentMessage:
     body: str | None = None
 
 
-def message_entry(
-    *, sid: str, at: datetime, content: str, draft: Draft | None
-) -> dict[str, Any]:
+def message_entry(*, sid: str, at: datetime, content: str, draft: Draft | None) -> dict[str, Any]:
     """The map appended to ``messages`` on success (SPEC §3), content bounded."""
     return {
         "message_id": sid,

@@ -1,23 +1,23 @@
 """The processor's error tree; the pipeline decides retry vs fail from the class alone.
 
-    ProcessorError
-    ├── RetryableError               transient: release the lease, let SQS redeliver
-    │   ├── StoreUnavailable         DynamoDB/SQLite throttled, timed out, unreachable
-    │   ├── SecretsUnavailable       Secrets Manager throttled or unreachable
-    │   ├── ComposerUnavailable      OpenAI 429/5xx/timeout (not insufficient_quota)
-    │   ├── SendThrottled            Twilio said 429 before accepting: nothing was sent
-    │   ├── LeaseLost                heartbeat lost the receipt handle / lease taken over
-    │   └── LookupUnavailable        Twilio message lookup failed: cannot tell if sent
-    ├── PermanentError               never retried; carries the record's failed_* status
-    │   ├── InvalidInput             failed_invalid_input (problems: list of JSON-path messages)
-    │   ├── NoConsent                failed_no_consent
-    │   ├── SecretInvalid            failed_secrets_fetch (missing secret, not JSON, missing key)
-    │   ├── ComposeFailed            failed_to_process_ai (quota, schema broken after re-asks)
-    │   └── SendRejected             failed_to_send_message (Twilio 4xx other than 429)
-    ├── SendOutcomeUnknown           Twilio may have accepted it (timeout, 5xx, reset): never resend
-    ├── ConfigurationError           bad settings; raised at start-up, not per message
-    └── StateConflict                "already done / not mine": a conditional write lost the race
-        └── RecordExists             create found a record; carries it so no extra read is needed
+ProcessorError
+├── RetryableError               transient: release the lease, let SQS redeliver
+│   ├── StoreUnavailable         DynamoDB/SQLite throttled, timed out, unreachable
+│   ├── SecretsUnavailable       Secrets Manager throttled or unreachable
+│   ├── ComposerUnavailable      OpenAI 429/5xx/timeout (not insufficient_quota)
+│   ├── SendThrottled            Twilio said 429 before accepting: nothing was sent
+│   ├── LeaseLost                heartbeat lost the receipt handle / lease taken over
+│   └── LookupUnavailable        Twilio message lookup failed: cannot tell if sent
+├── PermanentError               never retried; carries the record's failed_* status
+│   ├── InvalidInput             failed_invalid_input (problems: list of JSON-path messages)
+│   ├── NoConsent                failed_no_consent
+│   ├── SecretInvalid            failed_secrets_fetch (missing secret, not JSON, missing key)
+│   ├── ComposeFailed            failed_to_process_ai (quota, schema broken after re-asks)
+│   └── SendRejected             failed_to_send_message (Twilio 4xx other than 429)
+├── SendOutcomeUnknown           Twilio may have accepted it (timeout, 5xx, reset): never resend
+├── ConfigurationError           bad settings; raised at start-up, not per message
+└── StateConflict                "already done / not mine": a conditional write lost the race
+    └── RecordExists             create found a record; carries it so no extra read is needed
 """
 
 from __future__ import annotations

@@ -51,7 +51,9 @@ class Heartbeat:
     def check(self) -> None:
         """Raise ``LeaseLost`` if the heartbeat has lost the message (call before each step)."""
         if self._lost.is_set():
-            raise LeaseLost("the SQS receipt handle is no longer valid; another consumer may own it")
+            raise LeaseLost(
+                "the SQS receipt handle is no longer valid; another consumer may own it"
+            )
 
     def start(self) -> Heartbeat:
         self._thread = threading.Thread(target=self._run, name="sqs-heartbeat", daemon=True)
@@ -90,7 +92,8 @@ class Heartbeat:
         except LeaseLost as exc:
             self._lost.set()
             logger.warning(
-                "heartbeat lost the message", extra={"event": "lease_lost", "error": str(exc), **self._log_keys}
+                "heartbeat lost the message",
+                extra={"event": "lease_lost", "error": str(exc), **self._log_keys},
             )
             return False
         except Exception as exc:  # a throttled tick is retried next interval

@@ -69,11 +69,17 @@ from channel_processor.errors import (
     SendThrottled,
     StateConflict,
 )
-from channel_processor.observability import STEP8_EVENT, InMemoryMetrics, Metrics, log_context, logger
+from channel_processor.observability import (
+    STEP8_EVENT,
+    InMemoryMetrics,
+    Metrics,
+    log_context,
+    logger,
+)
 from channel_processor.ports import (
     Clock,
-    ComposeRequest,
     Composer,
+    ComposeRequest,
     ConversationStore,
     DeadLetters,
     RepairLog,
@@ -249,10 +255,14 @@ class Pipeline:
         status: Status | None = None
         if key is not None:
             now = self.deps.clock.now()
-            item = context.record_attributes() if context else {
-                "primary_channel": key.primary_channel,
-                "conversation_id": key.conversation_id,
-            }
+            item = (
+                context.record_attributes()
+                if context
+                else {
+                    "primary_channel": key.primary_channel,
+                    "conversation_id": key.conversation_id,
+                }
+            )
             item.update(self._new_record_base(now))
             item.update(status_change(exc.status, now))
             item.update(failure_code=exc.code, failure_reason=exc.reason[:2000])
@@ -299,7 +309,10 @@ class Pipeline:
         item = attempt.context.record_attributes()
         item.update(self._new_record_base(now))
         item.update(status_change(Status.PROCESSING, now))
-        item.update(lease_owner=attempt.owner, lease_expires_at=lease_until(now, self.settings.lease_seconds))
+        item.update(
+            lease_owner=attempt.owner,
+            lease_expires_at=lease_until(now, self.settings.lease_seconds),
+        )
         try:
             record = self._timed("claim", lambda: store.create(item))
         except RecordExists as exc:
@@ -307,7 +320,9 @@ class Pipeline:
             action = decide_claim(existing, now)
             if action is ClaimAction.DUPLICATE:
                 self.deps.metrics.count("duplicate_suppressed")
-                logger.info("duplicate delivery", extra={"event": "duplicate", "status": existing.status})
+                logger.info(
+                    "duplicate delivery", extra={"event": "duplicate", "status": existing.status}
+                )
                 return ProcessResult(
                     existing.conversation_id,
                     existing.status.value,
@@ -335,7 +350,9 @@ class Pipeline:
                     },
                 )
             except (StateConflict, RetryableError) as err:
-                return self._retry_result(attempt.context.conversation_id, None, f"take-over: {err}")
+                return self._retry_result(
+                    attempt.context.conversation_id, None, f"take-over: {err}"
+                )
         except RetryableError as err:
             self.deps.metrics.count("retried", step="claim")
             return self._retry_result(attempt.context.conversation_id, None, f"claim: {err}")
@@ -347,7 +364,9 @@ class Pipeline:
         try:
             attempt.heartbeat.check()
             attempt.step = "secrets"
-            credentials, api_key = self._timed("secrets", lambda: self._credentials(attempt.context))
+            credentials, api_key = self._timed(
+                "secrets", lambda: self._credentials(attempt.context)
+            )
             attempt.heartbeat.check()
             attempt.step = "template"
             template = self._timed(
@@ -373,10 +392,14 @@ class Pipeline:
                 },
             )
         except PermanentError as exc:
-            return self._fail(attempt, exc, Expect.status(Status.PROCESSING, lease_owner=attempt.owner))
+            return self._fail(
+                attempt, exc, Expect.status(Status.PROCESSING, lease_owner=attempt.owner)
+            )
         except StateConflict as exc:
             # Our lease was taken over: the other attempt owns the record now; do nothing more.
-            return self._retry_result(attempt.context.conversation_id, None, f"lease taken over: {exc}")
+            return self._retry_result(
+                attempt.context.conversation_id, None, f"lease taken over: {exc}"
+            )
         except Exception as exc:  # retryable, or a defect: release and let SQS decide
             return self._release(attempt, exc)
         return self._send(attempt, credentials, template, draft, send_attempt_id)
@@ -432,7 +455,9 @@ class Pipeline:
                 )
                 return accepted
             feedback = "; ".join(problems)
-            logger.warning("composer answer refused", extra={"event": "compose_refused", "problems": problems})
+            logger.warning(
+                "composer answer refused", extra={"event": "compose_refused", "problems": problems}
+            )
         raise ComposeFailed(
             f"composer output broke the template's rules {self.settings.compose_attempts} times: {feedback}",
             code="invalid_output",
@@ -489,7 +514,9 @@ class Pipeline:
         except Exception as err:  # the record is already `sending`; that is what matters
             logger.warning("could not note last_error", extra={"error": repr(err)})
         if self._is_last_receive(attempt.delivery):
-            return self._needs_reconciliation(attempt, f"send outcome unknown on the last receive: {exc!r}")
+            return self._needs_reconciliation(
+                attempt, f"send outcome unknown on the last receive: {exc!r}"
+            )
         self.deps.metrics.count("retried", step="send_unknown")
         return self._retry_result(conversation_id, Status.SENDING, f"send outcome unknown: {exc!r}")
 
@@ -499,9 +526,9 @@ class Pipeline:
         context = attempt.context
         try:
             credentials, _ = self._credentials(context)
-            since = parse_iso(record.send_started_at or record.attributes["updated_at"]) - timedelta(
-                seconds=self.settings.clock_skew_seconds
-            )
+            since = parse_iso(
+                record.send_started_at or record.attributes["updated_at"]
+            ) - timedelta(seconds=self.settings.clock_skew_seconds)
             found = self.deps.sender.find_sent(
                 credentials, context.recipient_tel, context.company_number, since
             )
@@ -515,11 +542,16 @@ class Pipeline:
         match, ambiguous = _pick_match(found, draft.rendered if draft else None)
         if ambiguous:
             return self._needs_reconciliation(
-                attempt, f"{len(found)} messages to this recipient since the send; none matches", record
+                attempt,
+                f"{len(found)} messages to this recipient since the send; none matches",
+                record,
             )
         if match is not None:
             started = parse_iso(record.attributes["created_at"])
-            processing_ms = max(0, int(((match.created_at or self.deps.clock.now()) - started).total_seconds() * 1000))
+            processing_ms = max(
+                0,
+                int(((match.created_at or self.deps.clock.now()) - started).total_seconds() * 1000),
+            )
             pending = self._pending_update(
                 context.key, record.send_attempt_id or "", match, draft, processing_ms=processing_ms
             )
@@ -553,7 +585,10 @@ class Pipeline:
             return self._retry_result(context.conversation_id, record.status, f"resend: {exc}")
         except PermanentError as exc:
             return self._needs_reconciliation(attempt, f"cannot resend: {exc}", record)
-        logger.info("send confirmed absent after settle window; sending", extra={"event": "resend_after_verify"})
+        logger.info(
+            "send confirmed absent after settle window; sending",
+            extra={"event": "resend_after_verify"},
+        )
         return self._send(attempt, credentials, template, draft, send_attempt_id)
 
     def _needs_reconciliation(
@@ -581,7 +616,10 @@ class Pipeline:
         )
         self._forward_dead(attempt.delivery, [reason])
         return ProcessResult(
-            context.conversation_id, Status.NEEDS_RECONCILIATION.value, Outcome.FAILED, errors=(reason,)
+            context.conversation_id,
+            Status.NEEDS_RECONCILIATION.value,
+            Outcome.FAILED,
+            errors=(reason,),
         )
 
     # -- step 8 -------------------------------------------------------------------------------------
@@ -604,7 +642,9 @@ class Pipeline:
             thread_id=draft.thread_id if draft else None,
             updated_at=iso(now),
             processing_time_ms=processing_ms,
-            message=message_entry(sid=sent.sid, at=sent.created_at or now, content=content, draft=draft),
+            message=message_entry(
+                sid=sent.sid, at=sent.created_at or now, content=content, draft=draft
+            ),
         )
 
     def _finish(self, pending: PendingFinalUpdate, deadline: float | None) -> ProcessResult:
@@ -615,7 +655,10 @@ class Pipeline:
             try:
                 record = apply_final_update(self.deps.store, pending)
                 self.deps.metrics.count("sent")
-                logger.info("message sent and recorded", extra={"event": "sent", "message_sid": pending.message_sid})
+                logger.info(
+                    "message sent and recorded",
+                    extra={"event": "sent", "message_sid": pending.message_sid},
+                )
                 return ProcessResult(
                     pending.conversation_id, record.status.value, Outcome.SENT, pending.message_sid
                 )
@@ -624,7 +667,9 @@ class Pipeline:
                 break  # the record is not in the state we left it: retrying cannot help
             except Exception as exc:
                 last_error = exc
-                if attempt_no + 1 < self.settings.final_update_attempts and self._has_time(deadline, delay + 1):
+                if attempt_no + 1 < self.settings.final_update_attempts and self._has_time(
+                    deadline, delay + 1
+                ):
                     self.deps.clock.sleep(delay)
                     delay *= 2
         return self._final_update_failed(pending, last_error)
@@ -650,7 +695,8 @@ class Pipeline:
                 "repair_id": pending.repair_id,
                 "repair_log_error": repair_error,
                 "error": repr(error),
-                "pending_update": pending.to_dict() | {"primary_channel": mask_phone(pending.primary_channel)},
+                "pending_update": pending.to_dict()
+                | {"primary_channel": mask_phone(pending.primary_channel)},
             },
         )
         return ProcessResult(
@@ -667,7 +713,8 @@ class Pipeline:
         status = self._write_failure(attempt, exc.status, exc.code, exc.reason, expect)
         self.deps.metrics.count("failed_permanent", code=exc.code)
         logger.error(
-            "permanent failure", extra={"event": "failed", "status": exc.status.value, "code": exc.code}
+            "permanent failure",
+            extra={"event": "failed", "status": exc.status.value, "code": exc.code},
         )
         return ProcessResult(
             attempt.context.conversation_id, status, Outcome.FAILED, errors=(exc.reason,)
@@ -691,7 +738,9 @@ class Pipeline:
             )
             return record.status.value
         except Exception as err:
-            logger.error("could not record the failure", extra={"error": repr(err), "status": status.value})
+            logger.error(
+                "could not record the failure", extra={"error": repr(err), "status": status.value}
+            )
             return None
 
     def _release(
@@ -714,9 +763,15 @@ class Pipeline:
             written = self._write_failure(attempt, status, code, message, expect)
             self._forward_dead(attempt.delivery, [message])
             self.deps.metrics.count("failed_permanent", code=code)
-            return ProcessResult(attempt.context.conversation_id, written, Outcome.FAILED, errors=(message,))
+            return ProcessResult(
+                attempt.context.conversation_id, written, Outcome.FAILED, errors=(message,)
+            )
         now = self.deps.clock.now()
-        changes: dict[str, Any] = {"lease_expires_at": iso(now), "last_error": reason, "updated_at": iso(now)}
+        changes: dict[str, Any] = {
+            "lease_expires_at": iso(now),
+            "last_error": reason,
+            "updated_at": iso(now),
+        }
         if back_to_processing:
             changes.update(status_change(Status.PROCESSING, now))
             changes.update(send_attempt_id=None, send_started_at=None)
@@ -725,7 +780,10 @@ class Pipeline:
         except Exception as err:  # the lease then simply expires
             logger.warning("could not release the lease", extra={"error": repr(err)})
         self.deps.metrics.count("retried", step=attempt.step)
-        logger.warning("transient failure; will retry", extra={"event": "retry", "step": attempt.step, "error": repr(exc)})
+        logger.warning(
+            "transient failure; will retry",
+            extra={"event": "retry", "step": attempt.step, "error": repr(exc)},
+        )
         return self._retry_result(attempt.context.conversation_id, Status.PROCESSING, reason)
 
     def _forward_dead(self, delivery: Delivery, reasons: list[str]) -> None:
@@ -787,9 +845,11 @@ def apply_final_update(store: ConversationStore, pending: PendingFinalUpdate) ->
         )
     except StateConflict:
         current = store.get(pending.key)
-        if current is not None and current.status is Status.SENT and current.attributes.get(
-            "message_sid"
-        ) == pending.message_sid:
+        if (
+            current is not None
+            and current.status is Status.SENT
+            and current.attributes.get("message_sid") == pending.message_sid
+        ):
             return current  # already applied (by the reconciler or an earlier try)
         raise
 

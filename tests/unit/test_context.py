@@ -11,7 +11,9 @@ from channel_processor.errors import InvalidInput, NoConsent
 from tests.support import COMPANY_NUMBER, RECIPIENT, body, context_object
 
 
-@pytest.mark.parametrize("typed", ["+1 (202) 555-0123", "12025550123", "0012025550123", "whatsapp:+12025550123"])
+@pytest.mark.parametrize(
+    "typed", ["+1 (202) 555-0123", "12025550123", "0012025550123", "whatsapp:+12025550123"]
+)
 def test_phone_inputs_become_e164(typed: str) -> None:
     assert normalise_phone(typed) == "+12025550123"
 

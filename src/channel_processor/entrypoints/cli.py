@@ -111,7 +111,9 @@ def cmd_show(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
         return EXIT_FAILED
     for record in records:
         if args.json:
-            stdout.write(json.dumps(record.attributes, default=_json_default, sort_keys=True) + "\n")
+            stdout.write(
+                json.dumps(record.attributes, default=_json_default, sort_keys=True) + "\n"
+            )
             continue
         attrs = record.attributes
         stdout.write(f"conversation {record.conversation_id}\n")

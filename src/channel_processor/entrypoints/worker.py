@@ -72,7 +72,9 @@ class Worker:
             reply = self.sqs.delete_message_batch(QueueUrl=self.queue_url, Entries=done)
             for failure in reply.get("Failed") or []:
                 # Not fatal: the message comes back and the record's status makes it a duplicate.
-                logger.warning("delete failed", extra={"event": "delete_failed", "code": failure.get("Code")})
+                logger.warning(
+                    "delete failed", extra={"event": "delete_failed", "code": failure.get("Code")}
+                )
         for result in results:
             if self._on_result:
                 self._on_result(result)
