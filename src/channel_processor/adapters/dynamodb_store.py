@@ -73,7 +73,7 @@ _MAX_EXPONENT = 125
 _MIN_EXPONENT = -130
 
 
-def _translate(exc: Exception, operation: str) -> ProcessorError:
+def translate(exc: Exception, operation: str) -> ProcessorError:
     """Map an SDK exception to the processor's error tree (the only place that does it)."""
     if isinstance(exc, ClientError):
         code = str(exc.response.get("Error", {}).get("Code", ""))
@@ -236,7 +236,7 @@ class DynamoDBConversationStore:
                 ReturnValuesOnConditionCheckFailure="ALL_OLD",
             )
         except (ClientError, BotoCoreError) as exc:
-            error = _translate(exc, "PutItem")
+            error = translate(exc, "PutItem")
             if not isinstance(error, StateConflict):
                 raise error from exc
             self._raise_exists(exc, RecordKey(*(str(attributes[k]) for k in KEY_ATTRS)))
@@ -248,7 +248,7 @@ class DynamoDBConversationStore:
                 TableName=self._table, Key=self._key(key), ConsistentRead=True
             )
         except (ClientError, BotoCoreError) as exc:
-            raise _translate(exc, "GetItem") from exc
+            raise translate(exc, "GetItem") from exc
         item = response.get("Item")
         return self._record(item) if item else None
 
@@ -300,7 +300,7 @@ class DynamoDBConversationStore:
                 ReturnValues="ALL_NEW",
             )
         except (ClientError, BotoCoreError) as exc:
-            error = _translate(exc, "UpdateItem")
+            error = translate(exc, "UpdateItem")
             if isinstance(error, StateConflict):
                 raise StateConflict(
                     f"{key.conversation_id!r} is missing or not in the expected state"
@@ -339,7 +339,7 @@ class DynamoDBConversationStore:
             try:
                 response = self._client.query(**request)
             except (ClientError, BotoCoreError) as exc:
-                raise _translate(exc, "Query") from exc
+                raise translate(exc, "Query") from exc
             yield from response.get("Items", [])
             last = response.get("LastEvaluatedKey")
             if not last:

@@ -69,15 +69,18 @@ SQS_ERRORS: Mapping[str, type[ProcessorError]] = {
     "KmsAccessDenied": StoreUnavailable,
     "KmsInvalidKeyUsage": StoreUnavailable,
     "InvalidMessageContents": StoreUnavailable,
-    # An expired receipt handle on ChangeMessageVisibility is reported as "Value ... for parameter
-    # ReceiptHandle is invalid": that case becomes LeaseLost in ``_translate``.
+    # Two InvalidParameterValue cases become LeaseLost in ``translate``: an expired receipt handle
+    # ("Value ... for parameter ReceiptHandle is invalid") and a message already held for SQS's
+    # 12 hours ("Total VisibilityTimeout for the message is beyond the limit"): no retry of the
+    # extension can succeed, the message will reappear, so the attempt must stop before sending.
     "InvalidParameterValue": StoreUnavailable,
 }
+_LEASE_LOST_PARAMETER_MESSAGES = ("receipthandle", "beyond the limit")
 # Transport failures (connect/read timeouts, resets) are all BotoCoreError subclasses.
 TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (BotoCoreError,)
 
 
-def _translate(exc: Exception, operation: str) -> ProcessorError:
+def translate(exc: Exception, operation: str) -> ProcessorError:
     """Map an SDK exception to the processor's error tree (the only place that does it)."""
     if isinstance(exc, ClientError):
         error_info = exc.response.get("Error", {})
@@ -88,7 +91,9 @@ def _translate(exc: Exception, operation: str) -> ProcessorError:
             log.warning("unmapped SQS error %s on %s: treated as unavailable", code, operation)
             error = StoreUnavailable
         message = str(error_info.get("Message", ""))
-        if "InvalidParameterValue" in (code, query_code) and "receipthandle" in message.lower():
+        if "InvalidParameterValue" in (code, query_code) and any(
+            phrase in message.lower() for phrase in _LEASE_LOST_PARAMETER_MESSAGES
+        ):
             error = LeaseLost
         return error(f"SQS {operation}: {code}")
     if isinstance(exc, TRANSPORT_ERRORS):
@@ -98,7 +103,7 @@ def _translate(exc: Exception, operation: str) -> ProcessorError:
 
 def _unavailable(exc: Exception, operation: str) -> StoreUnavailable:
     """For sends and receives a missing queue is an outage, not a lost lease."""
-    error = _translate(exc, operation)
+    error = translate(exc, operation)
     return error if isinstance(error, StoreUnavailable) else StoreUnavailable(str(error))
 
 
@@ -163,7 +168,7 @@ class SQSRepairLog:
         try:
             self._client.delete_message(QueueUrl=self._queue_url, ReceiptHandle=entry.handle)
         except (ClientError, BotoCoreError) as exc:
-            error = _translate(exc, "DeleteMessage")
+            error = translate(exc, "DeleteMessage")
             if isinstance(error, LeaseLost):
                 # The entry is visible again and will be applied once more: harmless, because
                 # applying a pending update is a conditional write that only succeeds once.
@@ -228,4 +233,4 @@ class SQSVisibilityExtender:
                 VisibilityTimeout=max(0, min(int(seconds), MAX_VISIBILITY_SECONDS)),
             )
         except (ClientError, BotoCoreError) as exc:
-            raise _translate(exc, "ChangeMessageVisibility") from exc
+            raise translate(exc, "ChangeMessageVisibility") from exc
