@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 import threading
 import time
 import uuid
@@ -97,6 +98,7 @@ class OpenAIFake:
     requests: list[Recorded] = field(default_factory=list)
     conversations: dict[str, dict[str, Any]] = field(default_factory=dict)
     response_calls: int = 0
+    errors: list[str] = field(default_factory=list)  # exceptions raised by scripts
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _closing: threading.Event = field(default_factory=threading.Event, repr=False)
 
@@ -256,7 +258,9 @@ class _Server(ThreadingHTTPServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that timed out closes the socket under a delayed answer: expected, not noise.
-        pass
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -271,7 +275,12 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             body = {"_unparsed": raw.decode("utf-8", "replace")}
         headers = {k.lower(): v for k, v in self.headers.items()}
-        status, payload = self.server.fake.handle("POST", self.path, headers, body)
+        try:
+            status, payload = self.server.fake.handle("POST", self.path, headers, body)
+        except Exception as exc:
+            # A bug in a test's script must show as itself, not as a dropped connection.
+            self.server.fake.errors.append(repr(exc))
+            status, payload = 500, {"error": {"message": f"fake crashed: {exc!r}", "code": None}}
         data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("content-type", "application/json")

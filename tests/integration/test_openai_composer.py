@@ -300,3 +300,16 @@ def test_server_errors_over_500_and_request_timeout_status_are_retryable() -> No
     for status in (408, 502, 503):
         exc = openai.APIStatusError("x", response=httpx2.Response(status, request=req), body=None)
         assert isinstance(translate_error(exc), ComposerUnavailable), status
+
+
+def test_a_crashing_script_is_reported_by_the_fake(openai_fake: OpenAIFake) -> None:
+    # given a script with a bug
+    def broken(body: dict[str, Any], n: int) -> dict[str, Any]:
+        raise KeyError("no such field")
+
+    openai_fake.answer(broken)
+
+    # when composing, then the composer sees a 500 and the fake keeps the cause for the test
+    with pytest.raises(ComposerUnavailable):
+        OpenAIComposer(base_url=openai_fake.base_url).compose(request())
+    assert openai_fake.errors == ["KeyError('no such field')"]
