@@ -13,8 +13,7 @@ from channel_processor.bootstrap import build
 from channel_processor.config import Settings
 from channel_processor.entrypoints.lambda_sqs import handler
 from channel_processor.entrypoints.worker import Worker
-from tests.fakes.openai_server import openai_fake_fixture  # noqa: F401
-from tests.integration.aws_world import AwsWorld, aws, aws_error  # noqa: F401
+from tests.integration.aws_world import AwsWorld, aws_error
 from tests.support import RECIPIENT, TWILIO_SECRET_NAME, body, context_object
 
 
