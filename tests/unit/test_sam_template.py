@@ -178,16 +178,18 @@ def test_function_environment_builds_valid_lambda_settings(template: dict[str, A
     # Then every CP_ name is one config.py knows, and the values are the AWS back ends and the sizes
     known = {v for k, v in vars(config).items() if k.startswith("ENV_")}
     assert {k for k in environ if k.startswith("CP_")} <= known
-    assert (settings.store, settings.composer, settings.sender, settings.secrets) == (
-        "dynamodb",
-        "openai",
-        "twilio",
-        "secretsmanager",
+    backends = (
+        settings.store,
+        settings.composer,
+        settings.sender,
+        settings.secrets,
+        settings.metrics,
     )
+    assert backends == ("dynamodb", "openai", "twilio", "secretsmanager", "emf")
     assert settings.max_receive_count == params["MaxReceiveCount"]
     assert settings.batch_concurrency == params["BatchSize"]
     assert settings.lease_seconds == params["FunctionTimeoutSeconds"]
-    assert environ["POWERTOOLS_METRICS_NAMESPACE"] == params["MetricsNamespace"]
+    assert settings.metrics_namespace == params["MetricsNamespace"]
 
 
 # -- queue, event source, sizing -------------------------------------------------------------------
