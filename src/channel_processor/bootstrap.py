@@ -15,7 +15,7 @@ from typing import Any
 from channel_processor.config import Settings
 from channel_processor.domain import Template
 from channel_processor.errors import ConfigurationError
-from channel_processor.observability import InMemoryMetrics, set_level
+from channel_processor.observability import EmfMetrics, InMemoryMetrics, set_level
 from channel_processor.pipeline import Dependencies, Pipeline
 
 
@@ -93,7 +93,12 @@ def build(settings: Settings, **overrides: Any) -> Pipeline:
         from channel_processor.adapters.sqs import SQSVisibilityExtender
 
         parts["extender"] = SQSVisibilityExtender(client("sqs"), settings.queue_url)
-    parts.setdefault("metrics", InMemoryMetrics())
+    if "metrics" not in parts:
+        parts["metrics"] = (
+            EmfMetrics(namespace=settings.metrics_namespace)
+            if settings.metrics == "emf"
+            else InMemoryMetrics()
+        )
     parts.setdefault("uses_openai", settings.composer == "openai")
     return Pipeline(Dependencies(**parts), settings)
 

@@ -19,6 +19,8 @@ ENV_STORE = "CP_STORE"  # dynamodb | sqlite
 ENV_COMPOSER = "CP_COMPOSER"  # openai | offline
 ENV_SENDER = "CP_SENDER"  # twilio | sandbox
 ENV_SECRETS = "CP_SECRETS"  # secretsmanager | local
+ENV_METRICS = "CP_METRICS"  # emf | memory
+ENV_METRICS_NAMESPACE = "POWERTOOLS_METRICS_NAMESPACE"
 ENV_TABLE_NAME = "CP_TABLE_NAME"
 ENV_QUEUE_URL = "CP_QUEUE_URL"
 ENV_DLQ_URL = "CP_DLQ_URL"
@@ -49,6 +51,7 @@ STORES = ("dynamodb", "sqlite")
 COMPOSERS = ("openai", "offline")
 SENDERS = ("twilio", "sandbox")
 SECRET_SOURCES = ("secretsmanager", "local")
+METRICS = ("emf", "memory")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -58,6 +61,8 @@ class Settings:
     composer: str = "openai"
     sender: str = "twilio"
     secrets: str = "secretsmanager"
+    metrics: str = "emf"
+    metrics_namespace: str = "WhatsAppChannelProcessor"
     table_name: str = "conversations"
     queue_url: str | None = None
     dlq_url: str | None = None
@@ -93,6 +98,7 @@ class Settings:
             ("composer", COMPOSERS),
             ("sender", SENDERS),
             ("secrets", SECRET_SOURCES),
+            ("metrics", METRICS),
         ):
             if getattr(self, name) not in allowed:
                 problems.append(
@@ -135,6 +141,7 @@ class Settings:
                 composer="offline",
                 sender="sandbox",
                 secrets="local",
+                metrics="memory",
                 log_level="ERROR",
             )
         problems: list[str] = []
@@ -160,6 +167,8 @@ _ENV_OF_FIELD = {
     "composer": ENV_COMPOSER,
     "sender": ENV_SENDER,
     "secrets": ENV_SECRETS,
+    "metrics": ENV_METRICS,
+    "metrics_namespace": ENV_METRICS_NAMESPACE,
     "table_name": ENV_TABLE_NAME,
     "queue_url": ENV_QUEUE_URL,
     "dlq_url": ENV_DLQ_URL,
@@ -199,6 +208,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "composer": _lower,
     "sender": _lower,
     "secrets": _lower,
+    "metrics": _lower,
     "heartbeat_interval_seconds": float,
     "heartbeat_extension_seconds": int,
     "max_receive_count": int,

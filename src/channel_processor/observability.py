@@ -57,6 +57,10 @@ class Metrics(Protocol):
 
     def latency(self, step: str, milliseconds: float) -> None: ...
 
+    def flush(self) -> None:
+        """Write what was gathered (end of a batch); a no-op where nothing is written."""
+        ...
+
 
 class InMemoryMetrics:
     """Thread-safe counters: the CLI's summary and the tests read them."""
@@ -76,3 +80,50 @@ class InMemoryMetrics:
     def latency(self, step: str, milliseconds: float) -> None:
         with self._lock:
             self.latencies.setdefault(step, []).append(milliseconds)
+
+    def flush(self) -> None:
+        return None
+
+
+DEFAULT_NAMESPACE = "WhatsAppChannelProcessor"
+
+
+class EmfMetrics:
+    """CloudWatch Embedded Metric Format through Powertools: counts and latencies are gathered from
+    the batch's threads and written as one EMF line per dimension set when the batch ends."""
+
+    def __init__(self, namespace: str = DEFAULT_NAMESPACE, service: str = SERVICE) -> None:
+        self.namespace, self.service = namespace, service
+        self._lock = threading.Lock()
+        self._counts: Counter[tuple[str, tuple[tuple[str, str], ...]]] = Counter()
+        self._latencies: dict[str, list[float]] = {}
+
+    def count(self, name: str, value: int = 1, **dimensions: str) -> None:
+        with self._lock:
+            self._counts[(name, tuple(sorted(dimensions.items())))] += value
+
+    def latency(self, step: str, milliseconds: float) -> None:
+        with self._lock:
+            self._latencies.setdefault(step, []).append(round(milliseconds, 3))
+
+    def flush(self) -> None:
+        from aws_lambda_powertools.metrics import EphemeralMetrics, MetricUnit
+
+        with self._lock:
+            counts, self._counts = self._counts, Counter()
+            latencies, self._latencies = self._latencies, {}
+        groups: dict[tuple[tuple[str, str], ...], list[tuple[str, float, Any]]] = {}
+        for (name, dims), total in counts.items():
+            groups.setdefault(dims, []).append((name, float(total), MetricUnit.Count))
+        for step, values in latencies.items():
+            for ms in values[:100]:  # EMF keeps at most 100 values per metric per line
+                groups.setdefault((("step", step),), []).append(
+                    ("step_latency_ms", ms, MetricUnit.Milliseconds)
+                )
+        for dims, metrics in groups.items():
+            emf = EphemeralMetrics(namespace=self.namespace, service=self.service)
+            for key, val in dims:
+                emf.add_dimension(name=key, value=val)
+            for name, amount, unit in metrics:
+                emf.add_metric(name=name, unit=unit, value=amount)
+            emf.flush_metrics()

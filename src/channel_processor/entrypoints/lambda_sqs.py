@@ -65,6 +65,7 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     deliveries = [delivery_from_lambda_record(r, deadline) for r in records]
     results = process_batch(pipeline, deliveries, pipeline.settings.batch_concurrency)
     response = batch_item_failures(deliveries, results)
+    pipeline.deps.metrics.flush()
     logger.info(
         "batch done",
         extra={

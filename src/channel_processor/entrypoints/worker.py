@@ -75,6 +75,7 @@ class Worker:
                 logger.warning(
                     "delete failed", extra={"event": "delete_failed", "code": failure.get("Code")}
                 )
+        self.pipeline.deps.metrics.flush()
         for result in results:
             if self._on_result:
                 self._on_result(result)
