@@ -267,7 +267,10 @@ def validate(
     parts = (company_id, project_id, request_id, given_id)
     if company_number and all(isinstance(p, str) for p in parts):
         wanted = expected_conversation_id(
-            str(company_id).strip(), str(project_id).strip(), str(request_id).strip(), company_number
+            str(company_id).strip(),
+            str(project_id).strip(),
+            str(request_id).strip(),
+            company_number,
         )
         if str(given_id).strip() != wanted:
             problems.append(
