@@ -57,6 +57,11 @@ class ConversationStore(Protocol):
         """
         ...
 
+    def find(self, conversation_id: str) -> list[ConversationRecord]:
+        """Every record with this conversation id, whatever its recipient (operator look-ups;
+        on DynamoDB this is a filtered scan, so it is not for the hot path)."""
+        ...
+
     def list_open(
         self, status: Status, updated_before: datetime, limit: int = 100
     ) -> list[ConversationRecord]:

@@ -315,6 +315,19 @@ def test_update_stores_fractions_as_decimals(store: ConversationStore) -> None:
 # -- list_open ------------------------------------------------------------------------------
 
 
+def test_find_returns_every_record_with_that_conversation_id_and_no_other(
+    store: ConversationStore,
+) -> None:
+    wanted = make_item()
+    other_recipient = make_item(wanted["conversation_id"], primary_channel="+14155552671")
+    unrelated = make_item()
+    for item in (wanted, other_recipient, unrelated):
+        store.create(item)
+    found = store.find(wanted["conversation_id"])
+    assert sorted(r.primary_channel for r in found) == sorted([PHONE, "+14155552671"])
+    assert store.find("no-such-conversation") == []
+
+
 def test_list_open_returns_only_that_open_status_before_the_cutoff_oldest_first(
     store: ConversationStore,
 ) -> None:

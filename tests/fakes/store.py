@@ -27,7 +27,7 @@ from channel_processor.errors import RecordExists, StateConflict
 from channel_processor.ports import RepairEntry
 
 # script(op_name, key): called before each operation; raise from it to make the operation fail.
-# op_name is "create", "get", "update" or "list_open" (key None). It runs outside the store's
+# op_name is "create", "get", "update", "find" or "list_open" (the last two: key None). It runs outside the store's
 # lock, so it may look at the store with ``peek`` (e.g. fail only the update of a ``sending``
 # record, which is the final update).
 StoreScript = Callable[[str, RecordKey | None], None]
@@ -76,6 +76,12 @@ class FakeConversationStore:
             updated = apply_changes(current, changes, append_message, increment_attempts)
             self._records[key] = updated
             return ConversationRecord(copy.deepcopy(updated))
+
+    def find(self, conversation_id: str) -> list[ConversationRecord]:
+        self._before("find", None)
+        with self._lock:
+            found = [a for a in self._records.values() if a["conversation_id"] == conversation_id]
+        return [ConversationRecord(copy.deepcopy(a)) for a in found]
 
     def list_open(
         self, status: Status, updated_before: datetime, limit: int = 100

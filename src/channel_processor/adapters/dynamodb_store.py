@@ -308,6 +308,29 @@ class DynamoDBConversationStore:
             raise error from exc
         return self._record(response["Attributes"])
 
+    def find(self, conversation_id: str) -> list[ConversationRecord]:
+        # The key starts with the recipient, which an operator may not have: a filtered scan,
+        # paginated, for the occasional look-up (the processor never calls this).
+        expr = _Expression(self._serializer)
+        request: dict[str, Any] = {
+            "TableName": self._table,
+            "FilterExpression": f"{expr.name('conversation_id')} = {expr.value(conversation_id)}",
+            "ExpressionAttributeNames": expr.names,
+            "ExpressionAttributeValues": expr.values,
+            "ConsistentRead": True,
+        }
+        records: list[ConversationRecord] = []
+        while True:
+            try:
+                response = self._client.scan(**request)
+            except (ClientError, BotoCoreError) as exc:
+                raise translate(exc, "Scan") from exc
+            records.extend(self._record(item) for item in response.get("Items", []))
+            last = response.get("LastEvaluatedKey")
+            if not last:
+                return records
+            request["ExclusiveStartKey"] = last
+
     def list_open(
         self, status: Status, updated_before: datetime, limit: int = 100
     ) -> list[ConversationRecord]:

@@ -234,6 +234,13 @@ class SQLiteConversationStore:
             )
         return ConversationRecord(attributes)
 
+    def find(self, conversation_id: str) -> list[ConversationRecord]:
+        rows = self._db.read(
+            "SELECT record FROM conversations WHERE conversation_id = ? ORDER BY primary_channel",
+            (conversation_id,),
+        )
+        return [ConversationRecord(loads(row[0])) for row in rows]
+
     def list_open(
         self, status: Status, updated_before: datetime, limit: int = 100
     ) -> list[ConversationRecord]:
