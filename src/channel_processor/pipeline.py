@@ -834,8 +834,16 @@ class Pipeline:
 def apply_final_update(store: ConversationStore, pending: PendingFinalUpdate) -> ConversationRecord:
     """Write a pending final update (pipeline step 8 and the reconciler): conditional on the record
     still being in the send attempt that produced it; the message is appended exactly once."""
+    return write_final_update(store, pending)[0]
+
+
+def write_final_update(
+    store: ConversationStore, pending: PendingFinalUpdate
+) -> tuple[ConversationRecord, bool]:
+    """``apply_final_update`` that also says whether this call wrote it (False: already applied),
+    so the reconciler can count what it repaired. Raises ``StateConflict`` for any other state."""
     try:
-        return store.update(
+        record = store.update(
             pending.key,
             Expect.status(
                 Status.SENDING, Status.NEEDS_RECONCILIATION, send_attempt_id=pending.send_attempt_id
@@ -843,6 +851,7 @@ def apply_final_update(store: ConversationStore, pending: PendingFinalUpdate) ->
             pending.changes(),
             append_message=pending.message,
         )
+        return record, True
     except StateConflict:
         current = store.get(pending.key)
         if (
@@ -850,7 +859,7 @@ def apply_final_update(store: ConversationStore, pending: PendingFinalUpdate) ->
             and current.status is Status.SENT
             and current.attributes.get("message_sid") == pending.message_sid
         ):
-            return current  # already applied (by the reconciler or an earlier try)
+            return current, False  # already applied (by the reconciler or an earlier try)
         raise
 
 
