@@ -632,19 +632,8 @@ class Pipeline:
         draft: Draft | None,
         processing_ms: int,
     ) -> PendingFinalUpdate:
-        now = self.deps.clock.now()
-        content = sent.body or (draft.rendered if draft else "")
-        return PendingFinalUpdate(
-            primary_channel=key.primary_channel,
-            conversation_id=key.conversation_id,
-            send_attempt_id=send_attempt_id,
-            message_sid=sent.sid,
-            thread_id=draft.thread_id if draft else None,
-            updated_at=iso(now),
-            processing_time_ms=processing_ms,
-            message=message_entry(
-                sid=sent.sid, at=sent.created_at or now, content=content, draft=draft
-            ),
+        return pending_update(
+            key, send_attempt_id, sent, draft, processing_ms, self.deps.clock.now()
         )
 
     def _finish(self, pending: PendingFinalUpdate, deadline: float | None) -> ProcessResult:
@@ -829,6 +818,30 @@ class Pipeline:
             return call()
         finally:
             self.deps.metrics.latency(step, (self._monotonic() - started) * 1000)
+
+
+def pending_update(
+    key: RecordKey,
+    send_attempt_id: str,
+    sent: SentMessage,
+    draft: Draft | None,
+    processing_ms: int,
+    now: datetime,
+) -> PendingFinalUpdate:
+    """The Step 8 update for a message the provider has (sent now, or found by a lookup)."""
+    content = sent.body or (draft.rendered if draft else "")
+    return PendingFinalUpdate(
+        primary_channel=key.primary_channel,
+        conversation_id=key.conversation_id,
+        send_attempt_id=send_attempt_id,
+        message_sid=sent.sid,
+        thread_id=draft.thread_id if draft else None,
+        updated_at=iso(now),
+        processing_time_ms=processing_ms,
+        message=message_entry(
+            sid=sent.sid, at=sent.created_at or now, content=content, draft=draft
+        ),
+    )
 
 
 def apply_final_update(store: ConversationStore, pending: PendingFinalUpdate) -> ConversationRecord:
