@@ -44,3 +44,11 @@ def moto_reset(moto_endpoint: str) -> str:
     request = urllib.request.Request(f"{moto_endpoint}/moto-api/reset", method="POST")
     urllib.request.urlopen(request, timeout=10).read()
     return moto_endpoint
+
+
+@pytest.fixture(autouse=True)
+def log_level_info() -> None:
+    """The CLI lowers the shared logger's level; every test starts from INFO again."""
+    from channel_processor.observability import set_level
+
+    set_level("INFO")

@@ -214,6 +214,23 @@ def parse_body(body: str | bytes) -> Any:
         raise InvalidInput([f"$: body is not JSON ({exc})"]) from exc
 
 
+# The dead-letter envelope the processor writes (adapters/sqs.py SQSDeadLetters): an operator's
+# redrive (SQS message-move task) sends it back to the queue as it is, so it is opened here.
+DEAD_LETTER_KEYS = frozenset({"reasons", "original_body", "source_message_id"})
+
+
+def dead_letter_body(data: Any) -> str | None:
+    """The original body when ``data`` is a redriven dead-letter envelope, else None."""
+    if (
+        isinstance(data, Mapping)
+        and "original_body" in data
+        and set(data) <= DEAD_LETTER_KEYS
+        and isinstance(data["original_body"], str)
+    ):
+        return data["original_body"]
+    return None
+
+
 def _path(loc: tuple[int | str, ...]) -> str:
     path = "$"
     for part in loc:

@@ -28,6 +28,7 @@ from channel_processor import __version__
 from channel_processor.config import Settings
 from channel_processor.context import (
     ContextObject,
+    dead_letter_body,
     identify,
     parse_body,
     require_consent,
@@ -206,6 +207,10 @@ class Pipeline:
         data: Any = None
         try:
             data = parse_body(delivery.body)
+            original = dead_letter_body(data)
+            if original is not None:  # a redriven dead letter: process what was first sent
+                delivery = replace(delivery, body=original)
+                data = parse_body(original)
             context = validate(
                 data,
                 default_region=self.settings.default_phone_region,
@@ -743,11 +748,17 @@ class Pipeline:
         last receive mark the record ``failed_*`` and forward the body to the DLQ instead."""
         expect = expect or Expect.status(Status.PROCESSING, lease_owner=attempt.owner)
         reason = f"{attempt.step}: {exc!r}"[:2000]
-        if isinstance(exc, LeaseLost):
-            return self._retry_result(attempt.context.conversation_id, None, reason)
+        # A lost lease goes through the same conditional release as any transient failure: the
+        # write only lands while this attempt still owns the record, and on the last receive no
+        # consumer will ever see the message again, so the record must not stay `processing`.
+        lease_lost = isinstance(exc, LeaseLost)
         if self._is_last_receive(attempt.delivery):
-            status = _GIVE_UP_STATUS.get(attempt.step, Status.FAILED_UNKNOWN)
-            code = f"gave_up_{attempt.step}"
+            status = (
+                Status.FAILED_UNKNOWN
+                if lease_lost
+                else _GIVE_UP_STATUS.get(attempt.step, Status.FAILED_UNKNOWN)
+            )
+            code = "gave_up_lease_lost" if lease_lost else f"gave_up_{attempt.step}"
             message = f"gave up after {attempt.delivery.receive_count} receives: {reason}"
             written = self._write_failure(attempt, status, code, message, expect)
             self._forward_dead(attempt.delivery, [message])

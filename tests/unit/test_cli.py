@@ -39,6 +39,7 @@ def test_process_twice_prints_sent_then_duplicate() -> None:
 
 def test_json_output_has_exactly_the_documented_keys() -> None:
     code, out, _ = run("process", "--json", EXAMPLE)
+    assert code == EXIT_OK
     [line] = out.splitlines()
     result = json.loads(line)
     assert set(result) == {"conversation_id", "status", "outcome", "message_sid", "errors"}

@@ -451,3 +451,20 @@ def test_a_record_moved_on_by_someone_else_is_never_overwritten() -> None:
             KEY, Expect.status(Status.PROCESSING), {"conversation_status": "processing"}
         )
     assert world.store.peek(KEY).status is Status.SENT  # type: ignore[union-attr]
+
+
+def test_a_redriven_dead_letter_envelope_is_processed_as_its_original_body() -> None:
+    world = World()
+    original = body(context_object())
+    envelope = json.dumps(
+        {"reasons": ["claim: throttled"], "original_body": original, "source_message_id": "m-0"}
+    )
+    result = world.process(envelope)
+    assert result.outcome is Outcome.SENT and world.sender.sends_to(RECIPIENT) == 1
+
+
+def test_a_redriven_invalid_body_goes_back_to_the_dlq_unwrapped() -> None:
+    world = World()
+    envelope = json.dumps({"reasons": ["not JSON"], "original_body": "{oops"})
+    assert world.process(envelope).outcome is Outcome.REJECTED
+    assert world.dead_letters.forwarded[0].body == "{oops"
