@@ -521,6 +521,12 @@ FAULT_POINTS: tuple[FaultPoint, ...] = (
         {"error": SENT},
     ),
     FaultPoint(
+        "heartbeat_lost_always",
+        "every heartbeat tick finds the handle invalid: no send; the last receive marks the record",
+        _slow_secrets(_at("extend", lambda: LeaseLost("ReceiptHandleIsInvalid"), times=0)),
+        {"error": Expected(0, Status.FAILED_UNKNOWN.value, dlq=1)},
+    ),
+    FaultPoint(
         "heartbeat_throttled",
         "a heartbeat tick is throttled: logged, next tick retried, the run goes on",
         _at("extend", lambda: StoreUnavailable("RequestThrottled"), times=3),
