@@ -233,7 +233,9 @@ def decide_claim(existing: ConversationRecord, now: datetime) -> ClaimAction:
     if status is Status.PROCESSING:
         return ClaimAction.BUSY if existing.lease_is_live(now) else ClaimAction.TAKE_OVER
     if status is Status.SENDING:
-        return ClaimAction.VERIFY_SEND
+        # A live lease means the send may still be in flight (a duplicate SQS message can arrive
+        # mid-call): asking Twilio now could find nothing and lead to a second send.
+        return ClaimAction.BUSY if existing.lease_is_live(now) else ClaimAction.VERIFY_SEND
     return ClaimAction.DUPLICATE
 
 

@@ -514,7 +514,11 @@ class Pipeline:
             self.deps.store.update(
                 attempt.key,
                 Expect.status(Status.SENDING, send_attempt_id=send_attempt_id),
-                {"last_error": f"send outcome unknown: {exc!r}"[:2000]},
+                {
+                    "last_error": f"send outcome unknown: {exc!r}"[:2000],
+                    # The call is over: the next delivery may verify at once (settle permitting).
+                    "lease_expires_at": iso(self.deps.clock.now()),
+                },
             )
         except Exception as err:  # the record is already `sending`; that is what matters
             logger.warning("could not note last_error", extra={"error": repr(err)})
@@ -583,6 +587,7 @@ class Pipeline:
                     "send_started_at": iso(now),
                     "updated_at": iso(now),
                     "lease_owner": attempt.owner,
+                    "lease_expires_at": lease_until(now, self.settings.lease_seconds),
                 },
             )
             template = self.deps.sender.template(credentials, credentials.template_sid)

@@ -468,3 +468,25 @@ def test_a_redriven_invalid_body_goes_back_to_the_dlq_unwrapped() -> None:
     envelope = json.dumps({"reasons": ["not JSON"], "original_body": "{oops"})
     assert world.process(envelope).outcome is Outcome.REJECTED
     assert world.dead_letters.forwarded[0].body == "{oops"
+
+
+def test_sending_record_with_a_live_lease_is_left_alone_while_the_send_may_be_in_flight() -> None:
+    world = World()
+    data = context_object()
+    now = utcnow()
+    from channel_processor.context import validate
+
+    item = validate(data).record_attributes() | {
+        "conversation_status": "sending",
+        "open_status": "sending",
+        "created_at": iso(now),
+        "updated_at": iso(now),
+        "lease_owner": "attempt-in-flight",
+        "lease_expires_at": iso(now + timedelta(minutes=2)),
+        "send_attempt_id": "s-1",
+        "send_started_at": iso(now),
+    }
+    world.store.create(item)
+    result = world.process(data, receive_count=2)
+    assert result.outcome is Outcome.RETRY
+    assert [op for op, _ in world.sender.calls] == [] and world.sender.sent == []
