@@ -15,7 +15,7 @@ import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from email.utils import format_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
@@ -111,8 +111,8 @@ class StoredMessage:
             "body": self.body,
             "date_created": stamp,
             "date_updated": stamp,
-            # The fake treats a message as sent the moment it is created.
-            "date_sent": stamp,
+            # Like Twilio, a message still queued has not been sent: no date_sent yet.
+            "date_sent": None,
             "direction": "outbound-api",
             "error_code": None,
             "error_message": None,
@@ -390,15 +390,10 @@ class _Handler(BaseHTTPRequestHandler):
             chosen = [m for m in chosen if m.to == query["To"]]
         if "From" in query:
             chosen = [m for m in chosen if m.from_ == query["From"]]
-        # Like Twilio, the DateSent filters compare calendar days (UTC), not instants.
-        for key, keep in (
-            ("DateSent>", lambda d, bound: d >= bound),
-            ("DateSent<", lambda d, bound: d <= bound),
-            ("DateSent", lambda d, bound: d == bound),
-        ):
-            if key in query:
-                bound = date.fromisoformat(query[key][:10])
-                chosen = [m for m in chosen if keep(m.created_at.date(), bound)]
+        # Every message here is still queued (no date_sent), so a DateSent filter matches none
+        # of them: the trap a lookup filtered by DateSent falls into with real Twilio.
+        if any(key.startswith("DateSent") for key in query):
+            chosen = []
         chosen.sort(key=lambda m: m.created_at, reverse=True)  # newest first, as Twilio lists
         page_size = max(1, min(int(query.get("PageSize", "50")), 1000))
         page = int(query.get("Page", "0"))

@@ -363,15 +363,15 @@ class TwilioSender:
         since_utc = (since if since.tzinfo else since.replace(tzinfo=UTC)).astimezone(UTC)
         client = self.client_for(credentials)
         try:
+            # No DateSent filter: a message still queued has no date_sent yet, and missing it
+            # would read as "absent" and lead to a second send. The newest page is enough: the
+            # window since the send started is minutes, and we filter by date_created below.
             found = client.messages.list(
-                to=whatsapp_address(to),
-                from_=whatsapp_address(from_),
-                date_sent_after=since_utc,
-                limit=50,
+                to=whatsapp_address(to), from_=whatsapp_address(from_), limit=50, page_size=50
             )
         except Exception as exc:
             raise classify_error(exc, "lookup") from exc
-        # The API filters by day and date_created has whole seconds: compare to the second.
+        # date_created has whole seconds: compare to the second.
         floor = since_utc.replace(microsecond=0)
         result = []
         for message in found:
