@@ -36,6 +36,7 @@ from channel_processor.domain import (
     SentMessage,
     Status,
     iso,
+    lease_until,
     mask_phone,
     parse_iso,
     status_change,
@@ -187,18 +188,21 @@ class Reconciler:
     # -- pass 1: the repair log ---------------------------------------------------------------
 
     def _drain_repairs(self, summary: Summary) -> None:
-        seen = 0
-        while seen < self.max_repairs:
+        seen: set[str] = set()
+        while len(seen) < self.max_repairs:
             self._ensure_time(_MARGIN_SECONDS)
             try:
                 entries = self.deps.repair_log.receive(max_entries=10)
             except RetryableError as exc:
                 summary.errors.append(f"repair log receive: {exc}")
                 return
-            if not entries:
+            fresh = [e for e in entries if (e.update.repair_id or e.handle) not in seen]
+            if not fresh:
+                # Empty, or only entries this run already handled and left (their visibility ran
+                # out): the next run takes them, so one bad entry cannot spin this loop.
                 return
-            for entry in entries:
-                seen += 1
+            for entry in fresh:
+                seen.add(entry.update.repair_id or entry.handle)
                 with log_context(conversation_id=entry.update.conversation_id):
                     self._repair(entry, summary)
 
@@ -273,8 +277,12 @@ class Reconciler:
         cid = record.conversation_id
         now = self.clock.now()
         started = parse_iso(record.send_started_at or record.attributes["updated_at"])
-        if now - started < timedelta(seconds=self.settings.send_settle_seconds):
-            summary.sending_waiting.append(cid)  # a send in flight right now: not ours to judge
+        if now - started < timedelta(seconds=self.settings.send_settle_seconds) or (
+            record.lease_is_live(now)
+        ):
+            # A send may be in flight right now (the lease is held through the Twilio call):
+            # asking Twilio now could find nothing and lead to a second send.
+            summary.sending_waiting.append(cid)
             return
         try:
             credentials, company_number = self._credentials(record)
@@ -329,6 +337,11 @@ class Reconciler:
                     "send_attempt_id": send_attempt_id,
                     "send_started_at": iso(now),
                     "updated_at": iso(now),
+                    # Held through the call, as the pipeline does: a redelivery meanwhile is busy.
+                    "lease_owner": f"reconciler-{send_attempt_id}",
+                    "lease_expires_at": lease_until(
+                        now, self.settings.twilio_timeout_seconds + _MARGIN_SECONDS
+                    ),
                 },
             )
         except (StateConflict, RetryableError) as exc:
@@ -371,7 +384,10 @@ class Reconciler:
             self._write(
                 record,
                 Expect.status(Status.SENDING, send_attempt_id=send_attempt_id),
-                {"last_error": f"resend: {exc!r}"[:2000]},
+                {
+                    "last_error": f"resend: {exc!r}"[:2000],
+                    "lease_expires_at": iso(self.clock.now()),
+                },
             )
             summary.sending_waiting.append(cid)
             summary.reasons[cid] = f"resend outcome not known yet: {exc!r}"
