@@ -389,9 +389,7 @@ def test_given_processing_with_a_long_expired_lease_then_listed_and_not_changed(
 def test_given_needs_reconciliation_and_the_message_later_visible_then_completed() -> None:
     world = World()
     sending_record_after_unknown_outcome(world, accepted=True)
-    world.sender.script = lambda op, r: (
-        (_ for _ in ()).throw(LookupUnavailable("down")) if op == "find_sent" else None
-    )
+    world.sender.script = lookups_fail
     reconciler(world).run()
     assert world.store.peek(KEY).status is Status.NEEDS_RECONCILIATION  # type: ignore[union-attr]
 
@@ -406,9 +404,7 @@ def test_given_needs_reconciliation_and_the_message_later_visible_then_completed
 def test_given_needs_reconciliation_and_no_message_then_it_stays_and_is_never_resent() -> None:
     world = World()
     sending_record_after_unknown_outcome(world, accepted=False)
-    world.sender.script = lambda op, r: (
-        (_ for _ in ()).throw(LookupUnavailable("down")) if op == "find_sent" else None
-    )
+    world.sender.script = lookups_fail
     reconciler(world).run()
     world.sender.script = None
 
@@ -437,9 +433,7 @@ def test_given_a_deadline_already_past_then_nothing_is_done_and_the_run_is_incom
 def needs_reconciliation_world() -> World:
     world = World()
     sending_record_after_unknown_outcome(world, accepted=True)
-    world.sender.script = lambda op, r: (
-        (_ for _ in ()).throw(LookupUnavailable("down")) if op == "find_sent" else None
-    )
+    world.sender.script = lookups_fail
     reconciler(world).run()
     world.sender.script = None
     return world
