@@ -1,7 +1,9 @@
-"""``channel-processor``: run Context Objects locally, inspect records, run the SQS worker.
+"""``channel-processor``: run Context Objects locally, inspect records, run the SQS worker, and the
+operations commands (reconcile, resolve, dlq show|redrive).
 
-``process`` and ``show`` use the embedded default (SQLite, offline composer, sandbox sender) unless
-the CP_* environment says otherwise; ``worker`` uses the AWS back ends.
+``process``, ``show``, ``reconcile``, ``resolve`` and ``dlq`` use the embedded default (SQLite, offline
+composer, sandbox sender) unless ``--aws`` or the CP_* environment says otherwise; ``worker`` uses the
+AWS back ends.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from typing import Any, TextIO
 
 from channel_processor.bootstrap import build
 from channel_processor.config import Settings
-from channel_processor.domain import Outcome
-from channel_processor.errors import ConfigurationError, ProcessorError
+from channel_processor.domain import Outcome, iso, mask_phone
+from channel_processor.errors import ConfigurationError, ProcessorError, StateConflict
 from channel_processor.pipeline import Delivery, ProcessResult
 
 EXIT_OK = 0
@@ -156,6 +158,281 @@ def cmd_worker(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     return EXIT_OK
 
 
+def cmd_reconcile(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
+    from channel_processor.reconcile import Reconciler
+
+    settings = Settings.from_env(local=not args.aws)
+    pipeline = build(settings)
+    reconciler = Reconciler(
+        pipeline.deps, settings, stuck_after_seconds=args.stuck_after, batch_limit=args.limit
+    )
+    summary = reconciler.run()
+    pipeline.deps.metrics.flush()
+    if args.json:
+        stdout.write(json.dumps(summary.as_dict(), default=_json_default) + "\n")
+    else:
+        stdout.write(_reconcile_text(summary.as_dict()))
+    return EXIT_FAILED if summary.needs_human or summary.errors else EXIT_OK
+
+
+def _reconcile_text(data: dict[str, Any]) -> str:
+    labels = {
+        "repairs_applied": "repairs applied",
+        "repairs_already_done": "repairs already done",
+        "repairs_failed": "repairs that do not fit their record (CRITICAL, left on the log)",
+        "repairs_deferred": "repairs deferred (transient error, retried next run)",
+        "sending_completed": "sending records completed from Twilio",
+        "sending_resent": "sending records confirmed absent and sent",
+        "sending_failed": "resends rejected by Twilio",
+        "sending_waiting": "sending records left for the next run",
+        "needs_reconciliation": "needs_reconciliation (an operator must decide)",
+    }
+    lines = []
+    for name, label in labels.items():
+        ids = data[name]
+        lines.append(f"{len(ids):>5}  {label}")
+        for cid in ids:
+            reason = data["reasons"].get(cid)
+            lines.append(f"         {cid}" + (f"  ({reason})" if reason else ""))
+    stuck = data["stuck_processing"]
+    lines.append(
+        f"{len(stuck):>5}  processing records stuck past their lease (listed, not changed)"
+    )
+    for item in stuck:
+        lines.append(
+            f"         {item['conversation_id']}  recipient={item['recipient']}"
+            f"  lease ended {item['age_seconds']}s ago  attempts={item['attempt_count']}"
+            f"  last_error={item['last_error']}"
+        )
+    for error in data["errors"]:
+        lines.append(f"error: {error}")
+    if data["incomplete"]:
+        lines.append("stopped at the deadline: run again for the rest")
+    lines.append(
+        "nothing needs a human"
+        if not data["needs_human"] and not data["errors"]
+        else "something needs a human: see docs/runbook.md"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def cmd_resolve(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
+    from channel_processor.domain import utcnow
+    from channel_processor.reconcile import (
+        find_needs_reconciliation,
+        resolve_not_sent,
+        resolve_sent,
+    )
+
+    settings = Settings.from_env(local=not args.aws)
+    pipeline = build(settings)
+    record = find_needs_reconciliation(pipeline.deps, args.conversation_id, utcnow())
+    if record is None:
+        stderr.write(
+            f"no needs_reconciliation record with conversation_id {args.conversation_id!r} "
+            "(only those can be resolved; see `channel-processor show`)\n"
+        )
+        return EXIT_FAILED
+    try:
+        if args.sent:
+            written = resolve_sent(pipeline.deps, settings, record, args.sent)
+        else:
+            written = resolve_not_sent(pipeline.deps, record, args.reason)
+    except StateConflict:
+        stderr.write(
+            "the record changed meanwhile; nothing written (run `show` and decide again)\n"
+        )
+        return EXIT_FAILED
+    pipeline.deps.metrics.flush()
+    stdout.write(f"conversation {written.conversation_id}: {written.status.value}\n")
+    return EXIT_OK
+
+
+# -- dead letters --------------------------------------------------------------------------------
+
+
+def _mask_body_fields(body: str) -> dict[str, Any]:
+    """Conversation id and masked recipient from a Context Object body, when it is one."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    if isinstance(data.get("original_body"), str):  # a redriven envelope nested once more
+        return _mask_body_fields(data["original_body"])
+    found: dict[str, Any] = {}
+    conversation = data.get("conversation_data")
+    if isinstance(conversation, dict) and conversation.get("conversation_id"):
+        found["conversation_id"] = conversation["conversation_id"]
+    frontend = data.get("frontend_payload")
+    recipient = frontend.get("recipient_data") if isinstance(frontend, dict) else None
+    if isinstance(recipient, dict) and recipient.get("recipient_tel"):
+        found["recipient"] = mask_phone(str(recipient["recipient_tel"]))
+    return found
+
+
+def _sqs_letter(message: dict[str, Any]) -> dict[str, Any]:
+    """One DLQ message as the operator sees it: the processor's envelope, or a body SQS moved."""
+    attributes = message.get("MessageAttributes") or {}
+    body = message.get("Body", "")
+    entry: dict[str, Any] = {"id": message.get("MessageId")}
+    system = message.get("Attributes") or {}
+    if "SentTimestamp" in system:
+        from datetime import UTC, datetime
+
+        entry["at"] = iso(datetime.fromtimestamp(int(system["SentTimestamp"]) / 1000, UTC))
+    try:
+        envelope = json.loads(body)
+    except ValueError:
+        envelope = None
+    if isinstance(envelope, dict) and "original_body" in envelope and "reasons" in envelope:
+        entry["reasons"] = [str(r) for r in envelope["reasons"]]
+        entry["source_message_id"] = envelope.get("source_message_id")
+        entry["forwarded_by"] = "processor"
+        entry.update(_mask_body_fields(str(envelope["original_body"])))
+        return entry
+    reasons = attributes.get("reasons", {}).get("StringValue")
+    entry["reasons"] = (
+        json.loads(reasons)
+        if reasons
+        else ["moved by SQS after maxReceiveCount receives (the processor never finished it)"]
+    )
+    entry["source_message_id"] = attributes.get("source_message_id", {}).get("StringValue")
+    entry["forwarded_by"] = "processor" if reasons else "sqs"
+    entry.update(_mask_body_fields(body))
+    return entry
+
+
+def _peek_sqs(client: Any, queue_url: str, limit: int) -> list[dict[str, Any]]:
+    """Read without hiding: VisibilityTimeout=0 leaves every message visible to the next reader."""
+    seen: dict[str, dict[str, Any]] = {}
+    idle = 0
+    while len(seen) < limit and idle < 3:
+        reply = client.receive_message(
+            QueueUrl=queue_url,
+            MaxNumberOfMessages=min(10, limit - len(seen)),
+            VisibilityTimeout=0,
+            WaitTimeSeconds=0,
+            MessageAttributeNames=["All"],
+            MessageSystemAttributeNames=["SentTimestamp", "ApproximateReceiveCount"],
+        )
+        new = [m for m in reply.get("Messages", []) if m["MessageId"] not in seen]
+        idle = 0 if new else idle + 1  # short polling samples servers: a few tries before done
+        for message in new:
+            seen[message["MessageId"]] = _sqs_letter(message)
+    return list(seen.values())[:limit]
+
+
+def _write_letters(letters: list[dict[str, Any]], as_json: bool, stdout: TextIO) -> None:
+    if as_json:
+        for letter in letters:
+            stdout.write(json.dumps(letter, default=_json_default) + "\n")
+        return
+    for letter in letters:
+        stdout.write(
+            f"{letter['id']}  {letter.get('at', '')}  by={letter.get('forwarded_by', 'processor')}"
+            f"  source_message_id={letter.get('source_message_id')}\n"
+        )
+        if letter.get("conversation_id"):
+            stdout.write(
+                f"    conversation={letter['conversation_id']}  recipient={letter.get('recipient')}\n"
+            )
+        for reason in letter.get("reasons", []):
+            stdout.write(f"    - {reason}\n")
+    stdout.write(f"{len(letters)} dead letter(s)\n")
+
+
+def cmd_dlq(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
+    settings = Settings.from_env(local=not args.aws)
+    if args.aws or settings.store != "sqlite":
+        return _dlq_aws(args, settings, stdout, stderr)
+    from channel_processor.adapters.sqlite_store import SQLiteDeadLetters
+
+    letters_store = SQLiteDeadLetters(settings.sqlite_path)
+    if args.dlq_command == "show":
+        letters = [
+            {
+                "id": letter.id,
+                "at": letter.created_at,
+                "reasons": list(letter.reasons),
+                "source_message_id": letter.message_id,
+                "forwarded_by": "processor",
+                **_mask_body_fields(letter.body),
+            }
+            for letter in letters_store.list(limit=args.limit)
+        ]
+        _write_letters(letters, args.json, stdout)
+        return EXIT_OK
+    # Local redrive: run each stored body through the pipeline again; a letter that is no longer
+    # a retry is removed (if it is rejected again, the pipeline has stored it anew with its reason).
+    pipeline = build(settings)
+    counts: Counter[str] = Counter()
+    for letter in letters_store.list():
+        result = pipeline.process(
+            Delivery(body=letter.body, message_id=letter.message_id or f"dlq-{letter.id}")
+        )
+        counts[result.outcome.value] += 1
+        if not result.should_retry:
+            _delete_local_letter(settings.sqlite_path, letter.id)
+        stdout.write(_summary_line(f"dead-letter {letter.id}", result) + "\n")
+    stdout.write(
+        "redriven: " + ", ".join(f"{o.value} {counts.get(o.value, 0)}" for o in Outcome) + "\n"
+    )
+    return EXIT_RETRY if counts[Outcome.RETRY.value] else EXIT_OK
+
+
+def _delete_local_letter(path: str, letter_id: int) -> None:
+    # SQLiteDeadLetters has no remove method yet (the DeadLetters port only forwards); until it
+    # does, the CLI deletes the one row it has just redriven, by its id.
+    import sqlite3
+
+    with sqlite3.connect(path) as connection:
+        connection.execute("DELETE FROM dead_letters WHERE id = ?", (letter_id,))
+    connection.close()
+
+
+def _dlq_aws(args: argparse.Namespace, settings: Settings, stdout: TextIO, stderr: TextIO) -> int:
+    from channel_processor.bootstrap import _boto_client
+
+    if not settings.dlq_url:
+        stderr.write("CP_DLQ_URL is not set (the DLQ's URL, stack output WhatsAppDLQUrl)\n")
+        return EXIT_USAGE
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return _dlq_sqs(args, settings, _boto_client("sqs", settings), stdout)
+    except (ClientError, BotoCoreError) as exc:
+        stderr.write(f"error: SQS: {exc}\n")
+        return EXIT_FAILED
+
+
+def _dlq_sqs(args: argparse.Namespace, settings: Settings, client: Any, stdout: TextIO) -> int:
+    assert settings.dlq_url is not None
+    if args.dlq_command == "show":
+        _write_letters(_peek_sqs(client, settings.dlq_url, args.limit), args.json, stdout)
+        return EXIT_OK
+
+    def arn(url: str) -> str:
+        reply = client.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])
+        return str(reply["Attributes"]["QueueArn"])
+
+    request = {"SourceArn": arn(settings.dlq_url)}
+    if settings.queue_url:
+        # Explicit destination: letters the processor forwarded itself have no SQS-recorded
+        # source queue; the pipeline unwraps their envelope when they come back.
+        request["DestinationArn"] = arn(settings.queue_url)
+    reply = client.start_message_move_task(**request)
+    stdout.write(
+        f"message move task started: {reply['TaskHandle']}\n"
+        f"  from {request['SourceArn']}\n"
+        f"  to   {request.get('DestinationArn', 'the queues the messages came from')}\n"
+        "  follow it with: aws sqs list-message-move-tasks --source-arn "
+        f"{request['SourceArn']}\n"
+    )
+    return EXIT_OK
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="channel-processor", description=__doc__)
     sub = root.add_subparsers(dest="command", required=True)
@@ -173,6 +450,41 @@ def parser() -> argparse.ArgumentParser:
     worker.add_argument("--queue-url", required=True)
     worker.add_argument("--wait", type=int, default=20, help="long-poll seconds (1-20)")
     worker.add_argument("--max-polls", type=int, default=None, help="stop after N polls")
+
+    reconcile = sub.add_parser(
+        "reconcile", help="apply pending repairs, settle stuck sending records, list stuck ones"
+    )
+    reconcile.add_argument("--json", action="store_true", help="the summary as one JSON object")
+    reconcile.add_argument("--aws", action="store_true", help="AWS back ends from the environment")
+    reconcile.add_argument(
+        "--stuck-after",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="list processing records whose lease ended longer ago than this",
+    )
+    reconcile.add_argument("--limit", type=int, default=100, help="records per status per run")
+
+    resolve = sub.add_parser(
+        "resolve", help="close a needs_reconciliation record after checking Twilio"
+    )
+    resolve.add_argument("conversation_id")
+    decision = resolve.add_mutually_exclusive_group(required=True)
+    decision.add_argument("--sent", metavar="SID", help="Twilio has this message (SM...)")
+    decision.add_argument("--not-sent", action="store_true", help="Twilio has no such message")
+    resolve.add_argument("--reason", help="why (kept as failure_reason with --not-sent)")
+    resolve.add_argument("--aws", action="store_true", help="AWS back ends from the environment")
+
+    dlq = sub.add_parser("dlq", help="inspect or redrive the dead-letter queue")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
+    dlq_show = dlq_sub.add_parser("show", help="list dead letters without removing them")
+    dlq_show.add_argument("--json", action="store_true")
+    dlq_show.add_argument("--aws", action="store_true", help="the SQS DLQ (CP_DLQ_URL)")
+    dlq_show.add_argument("--limit", type=int, default=50)
+    dlq_redrive = dlq_sub.add_parser("redrive", help="send dead letters back through the processor")
+    dlq_redrive.add_argument(
+        "--aws", action="store_true", help="SQS message-move task from CP_DLQ_URL to CP_QUEUE_URL"
+    )
     return root
 
 
@@ -191,6 +503,12 @@ def main(
             return cmd_show(args, out, err)
         if args.command == "worker":
             return cmd_worker(args, out, err)
+        if args.command == "reconcile":
+            return cmd_reconcile(args, out, err)
+        if args.command == "resolve":
+            return cmd_resolve(args, out, err)
+        if args.command == "dlq":
+            return cmd_dlq(args, out, err)
     except ConfigurationError as exc:
         err.write(f"configuration error: {exc}\n")
         return EXIT_USAGE
