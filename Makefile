@@ -2,30 +2,43 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+RUNTIME := $(VENV)/.installed-runtime
+DEV     := $(VENV)/.installed-dev
 
-.PHONY: run test lint typecheck soak faults bench clean
+.PHONY: run test lint typecheck bench clean
 
-$(STAMP): pyproject.toml
-	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+
+# What the processor needs to run.
+$(RUNTIME): pyproject.toml | $(VENV)/bin/python
+	$(BIN)/pip install --quiet -e .
+	touch $(RUNTIME)
+
+# Plus what the tests need: moto's server, pytest, ruff, mypy, cfn-lint.
+$(DEV): pyproject.toml | $(VENV)/bin/python
 	$(BIN)/pip install --quiet -e ".[dev]"
-	touch $(STAMP)
+	touch $(RUNTIME) $(DEV)
 
 ## Run the main job once on the embedded default (SQLite, offline composer, sandbox sender).
-run: $(STAMP)
+run: $(RUNTIME)
 	$(BIN)/channel-processor process examples/context.json
 
 ## Lint, format check, type check, then the whole test suite.
-test: $(STAMP) lint typecheck
+test: lint typecheck
 	$(BIN)/pytest -q
 
-lint: $(STAMP)
+lint: $(DEV)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 
-typecheck: $(STAMP)
+typecheck: $(DEV)
 	$(BIN)/mypy src
+
+## Throughput / latency / memory figures (see bench/).
+bench: $(DEV)
+	$(BIN)/python -m bench.throughput
 
 clean:
 	rm -rf $(VENV) .channel-processor .pytest_cache .mypy_cache .ruff_cache
