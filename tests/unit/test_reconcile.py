@@ -565,3 +565,227 @@ def test_given_two_reconcilers_at_once_over_50_repair_entries_on_sqlite_then_eac
     # even entries held invisible by a receive would show an hour from now: none is left
     assert SQLiteRepairLog(path, now=lambda: time.time() + 3600).receive(10) == []
     assert sender.calls == [] and sender.sent == []  # repairs never ask or send
+
+
+# -- the CLI on the embedded default (SQLite store, sandbox sender) ---------------------------------
+
+
+class FinalUpdateFails:
+    """The SQLite store, except that the final update (status -> sent) is throttled."""
+
+    def __init__(self, inner: SQLiteConversationStore) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def update(self, key: RecordKey, expect: Expect, changes: Any, **kwargs: Any) -> Any:
+        if changes.get("conversation_status") == Status.SENT.value:
+            raise StoreUnavailable("ProvisionedThroughputExceededException")
+        return self.inner.update(key, expect, changes, **kwargs)
+
+
+class AnswerLost:
+    """The sandbox sender, except that the answer to a send is lost (``accepted``: after the
+    message was recorded, as when Twilio accepted it)."""
+
+    def __init__(self, inner: Any, accepted: bool) -> None:
+        self.inner, self.accepted = inner, accepted
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def send(self, credentials: Any, request: Any) -> Any:
+        if self.accepted:
+            self.inner.send(credentials, request)
+        raise SendOutcomeUnknown("read timeout after the request left")
+
+
+@pytest.fixture()
+def local_db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "local.db"
+    monkeypatch.setenv("CP_SQLITE_PATH", str(path))
+    monkeypatch.setenv("CP_SEND_SETTLE_SECONDS", "0")
+    return path
+
+
+def local_key() -> RecordKey:
+    return RecordKey(RECIPIENT, CID)
+
+
+def cli(*argv: str) -> tuple[int, str, str]:
+    import io
+
+    from channel_processor.entrypoints.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = main(list(argv), stdout=out, stderr=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def local_pipeline(**overrides: Any) -> Any:
+    from channel_processor.bootstrap import build
+    from channel_processor.config import Settings
+
+    return build(Settings.from_env(local=True), **overrides)
+
+
+def sandbox_messages(path: Path) -> list[Any]:
+    from channel_processor.adapters.sandbox_sender import SandboxSender
+    from channel_processor.bootstrap import LocalConfig
+
+    return SandboxSender(path, LocalConfig.load(None).templates).messages()
+
+
+def test_cli_given_a_local_final_update_failure_when_reconcile_then_sent_and_second_run_is_a_no_op(
+    local_db: Path,
+) -> None:
+    # Given a message sent locally whose final update failed
+    from channel_processor.pipeline import Delivery
+
+    pipeline = local_pipeline(store=FinalUpdateFails(SQLiteConversationStore(local_db)))
+    result = pipeline.process(Delivery(body=json.dumps(context_object()), message_id="m-1"))
+    # (a peek that leaves the entry visible)
+    [pending] = [e.update for e in SQLiteRepairLog(local_db, visibility_seconds=0).receive(10)]
+
+    # When `channel-processor reconcile` runs
+    code, out, _ = cli("reconcile")
+
+    # Then the record is sent with its message and the right processing time
+    assert code == 0 and "nothing needs a human" in out
+    record = SQLiteConversationStore(local_db).get(local_key())
+    assert record is not None and record.status is Status.SENT
+    assert [m["message_id"] for m in record.messages] == [result.message_sid]
+    assert record.attributes["initial_processing_time_ms"] == pending.processing_time_ms
+    assert len(sandbox_messages(local_db)) == 1
+
+    # and a second run changes nothing
+    code, out, _ = cli("reconcile", "--json")
+    summary = json.loads(out)
+    assert code == 0 and set(summary["counts"].values()) == {0}
+    assert SQLiteConversationStore(local_db).get(local_key()) == record
+
+
+def local_sending_record(local_db: Path, accepted: bool) -> None:
+    from channel_processor.adapters.sandbox_sender import SandboxSender
+    from channel_processor.bootstrap import LocalConfig
+    from channel_processor.pipeline import Delivery
+
+    sandbox = SandboxSender(local_db, LocalConfig.load(None).templates)
+    pipeline = local_pipeline(sender=AnswerLost(sandbox, accepted))
+    pipeline.process(Delivery(body=json.dumps(context_object()), message_id="m-1"))
+    record = SQLiteConversationStore(local_db).get(local_key())
+    assert record is not None and record.status is Status.SENDING
+
+
+def test_cli_given_a_local_sending_record_whose_message_exists_then_completed_with_that_sid(
+    local_db: Path,
+) -> None:
+    local_sending_record(local_db, accepted=True)
+    [message] = sandbox_messages(local_db)
+
+    code, out, _ = cli("reconcile", "--json")
+
+    assert code == 0 and json.loads(out)["sending_completed"] == [CID]
+    record = SQLiteConversationStore(local_db).get(local_key())
+    assert record is not None and record.status is Status.SENT
+    assert [m["message_id"] for m in record.messages] == [message.sid]
+    assert len(sandbox_messages(local_db)) == 1
+
+
+def test_cli_given_a_local_sending_record_absent_after_the_settle_window_then_sent_once(
+    local_db: Path,
+) -> None:
+    local_sending_record(local_db, accepted=False)
+    assert sandbox_messages(local_db) == []
+
+    code, out, _ = cli("reconcile", "--json")
+    again, _, _ = cli("reconcile", "--json")
+
+    assert code == 0 and again == 0 and json.loads(out)["sending_resent"] == [CID]
+    [message] = sandbox_messages(local_db)
+    record = SQLiteConversationStore(local_db).get(local_key())
+    assert record is not None and record.status is Status.SENT
+    assert [m["message_id"] for m in record.messages] == [message.sid]
+
+
+def test_cli_given_a_stuck_processing_record_then_listed_and_exit_code_says_a_human_is_needed(
+    local_db: Path,
+) -> None:
+    store = SQLiteConversationStore(local_db)
+    old = utcnow() - timedelta(hours=3)
+    store.create(
+        validate(context_object()).record_attributes()
+        | {
+            "conversation_status": "processing",
+            "open_status": "processing",
+            "created_at": iso(old),
+            "updated_at": iso(old),
+            "lease_owner": "crashed-attempt",
+            "lease_expires_at": iso(old + timedelta(minutes=2)),
+            "attempt_count": 2,
+            "last_error": "compose: ComposerUnavailable('503')",
+        }
+    )
+
+    code, out, _ = cli("reconcile")
+
+    assert code == 1 and "1  processing records stuck" in out
+    assert CID in out and "attempts=2" in out and RECIPIENT not in out
+    assert store.get(local_key()).status is Status.PROCESSING  # type: ignore[union-attr]
+
+
+def test_cli_resolve_closes_only_a_needs_reconciliation_record(local_db: Path) -> None:
+    local_sending_record(local_db, accepted=True)
+    store = SQLiteConversationStore(local_db)
+    record = store.get(local_key())
+    assert record is not None
+    store.update(
+        local_key(),
+        Expect.status(Status.SENDING),
+        status_change(Status.NEEDS_RECONCILIATION, utcnow() - timedelta(seconds=1)),
+    )
+    [message] = sandbox_messages(local_db)
+
+    code, out, _ = cli("resolve", CID, "--sent", message.sid)
+    again, _, err = cli("resolve", CID, "--not-sent")
+
+    assert code == 0 and "initial_message_sent" in out
+    assert again == 1 and "no needs_reconciliation record" in err
+    written = store.get(local_key())
+    assert written is not None and written.status is Status.SENT
+    assert [m["message_id"] for m in written.messages] == [message.sid]
+
+
+def test_cli_dlq_show_lists_local_dead_letters_with_masked_numbers(local_db: Path) -> None:
+    from channel_processor.adapters.sqlite_store import SQLiteDeadLetters
+
+    SQLiteDeadLetters(local_db).forward(
+        json.dumps(context_object()), ["gave up after 5 receives: claim"], "m-7"
+    )
+
+    code, out, _ = cli("dlq", "show", "--json")
+    text_code, text, _ = cli("dlq", "show")
+
+    [letter] = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and text_code == 0
+    assert letter["reasons"] == ["gave up after 5 receives: claim"]
+    assert letter["source_message_id"] == "m-7" and letter["conversation_id"] == CID
+    assert letter["recipient"] == mask_phone(RECIPIENT)
+    assert RECIPIENT not in out and RECIPIENT not in text and "1 dead letter(s)" in text
+
+
+def test_cli_dlq_redrive_reruns_local_dead_letters_and_removes_the_done_ones(
+    local_db: Path,
+) -> None:
+    from channel_processor.adapters.sqlite_store import SQLiteDeadLetters
+
+    letters = SQLiteDeadLetters(local_db)
+    letters.forward(json.dumps(context_object()), ["claim: throttled"], "m-1")
+
+    code, out, _ = cli("dlq", "redrive")
+
+    assert code == 0 and "sent 1" in out
+    assert letters.list() == [] and len(sandbox_messages(local_db)) == 1
+    record = SQLiteConversationStore(local_db).get(local_key())
+    assert record is not None and record.status is Status.SENT

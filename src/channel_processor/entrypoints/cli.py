@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -268,7 +269,8 @@ def _mask_body_fields(body: str) -> dict[str, Any]:
     frontend = data.get("frontend_payload")
     recipient = frontend.get("recipient_data") if isinstance(frontend, dict) else None
     if isinstance(recipient, dict) and recipient.get("recipient_tel"):
-        found["recipient"] = mask_phone(str(recipient["recipient_tel"]))
+        # Spaces and brackets removed first: they would only widen the mask, not hide more.
+        found["recipient"] = mask_phone(re.sub(r"[^\d+]", "", str(recipient["recipient_tel"])))
     return found
 
 
