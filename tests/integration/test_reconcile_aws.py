@@ -20,7 +20,6 @@ from channel_processor.context import validate
 from channel_processor.domain import (
     Draft,
     PendingFinalUpdate,
-    Status,
     iso,
     mask_phone,
     message_entry,
@@ -259,9 +258,9 @@ def test_given_two_reconcilers_at_once_over_50_repair_entries_on_aws_then_each_a
     applied = [cid for s in summaries for cid in s.repairs_applied]
     assert len(summaries) == 2 and sorted(applied) == sorted(expected)
     for cid, sid in expected.items():
-        record = aws.record(RECIPIENT, cid)
-        assert record is not None and record["conversation_status"] == "initial_message_sent"
-        assert [m["message_id"] for m in record["messages"]] == [sid]
+        stored = aws.record(RECIPIENT, cid)
+        assert stored is not None and stored["conversation_status"] == "initial_message_sent"
+        assert [m["message_id"] for m in stored["messages"]] == [sid]
     assert peek_repairs(aws) == []
     assert aws.twilio.creates == [] and aws.twilio.calls["list"] == 0
 
