@@ -263,6 +263,11 @@ def _mask_body_fields(body: str) -> dict[str, Any]:
     if isinstance(data.get("original_body"), str):  # a redriven envelope nested once more
         return _mask_body_fields(data["original_body"])
     found: dict[str, Any] = {}
+    if data.get("message_sid") and data.get("conversation_id"):  # a repair-queue entry
+        found["conversation_id"] = data["conversation_id"]
+        found["message_sid"] = data["message_sid"]
+        found["recipient"] = mask_phone(str(data.get("primary_channel") or ""))
+        return found
     conversation = data.get("conversation_data")
     if isinstance(conversation, dict) and conversation.get("conversation_id"):
         found["conversation_id"] = conversation["conversation_id"]
@@ -337,8 +342,10 @@ def _write_letters(letters: list[dict[str, Any]], as_json: bool, stdout: TextIO)
             f"  source_message_id={letter.get('source_message_id')}\n"
         )
         if letter.get("conversation_id"):
+            sid = f"  message_sid={letter['message_sid']}" if letter.get("message_sid") else ""
             stdout.write(
-                f"    conversation={letter['conversation_id']}  recipient={letter.get('recipient')}\n"
+                f"    conversation={letter['conversation_id']}  recipient={letter.get('recipient')}"
+                f"{sid}\n"
             )
         for reason in letter.get("reasons", []):
             stdout.write(f"    - {reason}\n")
