@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from channel_processor.entrypoints import lambda_sqs
-from channel_processor.pipeline import Pipeline
 from tests.faults.queue import Queue, Received
 
 Handler = Callable[[dict[str, Any], Any], dict[str, Any]]
@@ -57,19 +54,6 @@ def lambda_event(messages: list[Received], arn: str) -> dict[str, Any]:
             for m in messages
         ]
     }
-
-
-@contextmanager
-def handler_on(pipeline: Pipeline) -> Iterator[Handler]:
-    """The real ``lambda_sqs.handler``, warm with ``pipeline`` (as if ``build`` had made it on
-    the first invocation); the cached pipeline is forgotten afterwards."""
-    lambda_sqs.reset()
-    with lambda_sqs._lock:  # the handler's own warm-container cache
-        lambda_sqs._pipeline = pipeline
-    try:
-        yield lambda_sqs.handler
-    finally:
-        lambda_sqs.reset()
 
 
 @dataclass
