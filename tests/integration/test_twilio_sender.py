@@ -611,3 +611,26 @@ def test_a_generic_twilio_exception_is_unknown_on_send() -> None:
     error = TwilioException("Page Records can not be deserialized")
     assert type(classify_error(error, "send")) is SendOutcomeUnknown
     assert type(classify_error(error, "lookup")) is LookupUnavailable
+
+
+def test_lookup_finds_a_message_sent_from_another_sender_of_the_messaging_service(
+    twilio_fake: TwilioFake,
+) -> None:
+    # given a company whose messages go through a Messaging Service with a pool of senders
+    service = "MG" + "c" * 32
+    credentials = TwilioCredentials(
+        account_sid=ACCOUNT_SID,
+        auth_token=twilio_fake.accounts[ACCOUNT_SID],
+        template_sid=CONTENT_SID,
+        messaging_service_sid=service,
+    )
+    sender = _sender(twilio_fake)
+    since = utcnow() - timedelta(seconds=2)
+    sender.send(credentials, _request(messaging_service_sid=service))
+    # and Twilio picked another number of the pool for it
+    twilio_fake.messages[0].from_ = "whatsapp:+14155550000"
+    # when the pipeline looks for it by the company number, then it is found all the same
+    found = sender.find_sent(credentials, RECIPIENT, COMPANY, since)
+    assert [m.sid for m in found] == [twilio_fake.messages[0].sid]
+    # while a company without that service does not count another sender's message as its own
+    assert sender.find_sent(twilio_fake.credentials(), RECIPIENT, COMPANY, since) == []

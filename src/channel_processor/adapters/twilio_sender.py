@@ -364,17 +364,22 @@ class TwilioSender:
         client = self.client_for(credentials)
         try:
             # No DateSent filter: a message still queued has no date_sent yet, and missing it
-            # would read as "absent" and lead to a second send. The newest page is enough: the
-            # window since the send started is minutes, and we filter by date_created below.
-            found = client.messages.list(
-                to=whatsapp_address(to), from_=whatsapp_address(from_), limit=50, page_size=50
-            )
+            # would read as "absent" and lead to a second send. No From filter either: with a
+            # Messaging Service, Twilio may send from another sender of its pool. The newest page
+            # to this recipient is enough (the window is minutes); we filter below.
+            found = client.messages.list(to=whatsapp_address(to), limit=50, page_size=50)
         except Exception as exc:
             raise classify_error(exc, "lookup") from exc
+        ours = whatsapp_address(from_)
+        service = credentials.messaging_service_sid
         # date_created has whole seconds: compare to the second.
         floor = since_utc.replace(microsecond=0)
         result = []
         for message in found:
+            sender = getattr(message, "from_", None)
+            via_service = service and getattr(message, "messaging_service_sid", None) == service
+            if sender != ours and not via_service:
+                continue
             sent = _sent_message(message)
             # No date means we cannot exclude it: counting it as ours is the side that never
             # sends twice.
