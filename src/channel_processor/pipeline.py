@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from channel_processor import __version__
@@ -52,7 +52,6 @@ from channel_processor.domain import (
     lease_until,
     mask_phone,
     message_entry,
-    parse_iso,
     sanitise_variables,
     status_change,
 )
@@ -60,7 +59,6 @@ from channel_processor.errors import (
     ComposeFailed,
     InvalidInput,
     LeaseLost,
-    LookupUnavailable,
     NoConsent,
     PermanentError,
     RecordExists,
@@ -90,6 +88,7 @@ from channel_processor.ports import (
     VisibilityExtender,
 )
 from channel_processor.secrets import parse_openai_key, parse_twilio_credentials
+from channel_processor.send_check import Verdict, check_send, ms_since_created, take_over_send
 
 
 class SystemClock:
@@ -533,62 +532,51 @@ class Pipeline:
         """A record left in ``sending``: finish it if Twilio has the message; send only once it is
         confirmed absent after the settle window; otherwise leave it to the reconciler."""
         context = attempt.context
+        now = self.deps.clock.now()
         try:
             credentials, _ = self._credentials(context)
-            since = parse_iso(
-                record.send_started_at or record.attributes["updated_at"]
-            ) - timedelta(seconds=self.settings.clock_skew_seconds)
-            found = self.deps.sender.find_sent(
-                credentials, context.recipient_tel, context.company_number, since
+            check = check_send(
+                self.deps.sender,
+                credentials,
+                record,
+                context.company_number,
+                now=now,
+                settle_seconds=self.settings.send_settle_seconds,
+                skew_seconds=self.settings.clock_skew_seconds,
             )
-        except (LookupUnavailable, RetryableError) as exc:
+        except RetryableError as exc:
             if self._is_last_receive(attempt.delivery):
                 return self._needs_reconciliation(attempt, f"cannot verify the send: {exc}", record)
             return self._retry_result(context.conversation_id, record.status, f"verify: {exc}")
         except PermanentError as exc:
             return self._needs_reconciliation(attempt, f"cannot verify the send: {exc}", record)
-        draft = record.draft
-        match, ambiguous = _pick_match(found, draft.rendered if draft else None)
-        if ambiguous:
-            return self._needs_reconciliation(
-                attempt,
-                f"{len(found)} messages to this recipient since the send; none matches",
-                record,
-            )
-        if match is not None:
-            started = parse_iso(record.attributes["created_at"])
-            processing_ms = max(
-                0,
-                int(((match.created_at or self.deps.clock.now()) - started).total_seconds() * 1000),
-            )
-            pending = self._pending_update(
-                context.key, record.send_attempt_id or "", match, draft, processing_ms=processing_ms
+        if check.verdict is Verdict.FOUND:
+            assert check.message is not None
+            pending = pending_update(
+                context.key,
+                record.send_attempt_id or "",
+                check.message,
+                record.draft,
+                processing_ms=ms_since_created(record, check.message.created_at or now),
+                now=now,
             )
             self.deps.metrics.count("reconciled", how="redelivery_lookup")
             return self._finish(pending, attempt.delivery.deadline)
-        now = self.deps.clock.now()
-        send_started = parse_iso(record.send_started_at or record.attributes["updated_at"])
-        if now - send_started < timedelta(seconds=self.settings.send_settle_seconds):
-            if self._is_last_receive(attempt.delivery):
-                return self._needs_reconciliation(attempt, "send not yet visible at Twilio", record)
-            return self._retry_result(
-                context.conversation_id, record.status, "send not yet visible; waiting to settle"
-            )
-        if draft is None:
-            return self._needs_reconciliation(attempt, "sending record has no draft", record)
-        # Confirmed absent after the settle window: take the send over, conditionally, and send.
-        send_attempt_id = uuid.uuid4().hex
+        if check.verdict is Verdict.UNKNOWN or (
+            check.verdict is Verdict.SETTLING and self._is_last_receive(attempt.delivery)
+        ):
+            return self._needs_reconciliation(attempt, check.reason, record)
+        if check.verdict is Verdict.SETTLING:
+            return self._retry_result(context.conversation_id, record.status, check.reason)
+        draft = record.draft
+        assert draft is not None  # ABSENT implies a draft to send
         try:
-            self.deps.store.update(
-                context.key,
-                Expect.status(Status.SENDING, send_attempt_id=record.send_attempt_id),
-                {
-                    "send_attempt_id": send_attempt_id,
-                    "send_started_at": iso(now),
-                    "updated_at": iso(now),
-                    "lease_owner": attempt.owner,
-                    "lease_expires_at": lease_until(now, self.settings.lease_seconds),
-                },
+            send_attempt_id = take_over_send(
+                self.deps.store,
+                record,
+                owner=attempt.owner,
+                now=now,
+                lease_seconds=self.settings.lease_seconds,
             )
             template = self.deps.sender.template(credentials, credentials.template_sid)
         except (StateConflict, RetryableError) as exc:
@@ -890,18 +878,3 @@ def write_final_update(
         ):
             return current, False  # already applied (by the reconciler or an earlier try)
         raise
-
-
-def _pick_match(found: list[SentMessage], rendered: str | None) -> tuple[SentMessage | None, bool]:
-    """(our message, ambiguous). Nothing found means absent; a body equal to our rendered text is
-    ours; a single message with no body to compare is taken as ours; anything else is ambiguous,
-    and an ambiguous answer must never lead to a resend."""
-    if not found:
-        return None, False
-    if rendered:
-        for message in found:
-            if message.body == rendered:
-                return message, False
-    if len(found) == 1 and not found[0].body:
-        return found[0], False
-    return None, True

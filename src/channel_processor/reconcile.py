@@ -36,7 +36,6 @@ from channel_processor.domain import (
     SentMessage,
     Status,
     iso,
-    lease_until,
     mask_phone,
     parse_iso,
     status_change,
@@ -50,12 +49,18 @@ from channel_processor.errors import (
 from channel_processor.observability import log_context, logger
 from channel_processor.pipeline import (
     Dependencies,
-    _pick_match,
     pending_update,
     write_final_update,
 )
 from channel_processor.ports import Clock, RepairEntry, TwilioCredentials
 from channel_processor.secrets import parse_twilio_credentials
+from channel_processor.send_check import (
+    Verdict,
+    check_send,
+    lookup_since,
+    ms_since_created,
+    take_over_send,
+)
 
 # A processing record whose lease ended longer ago than this has no attempt and, with the queue's
 # visibility timeout below it, no live message either: a redelivery would have taken the lease.
@@ -276,36 +281,34 @@ class Reconciler:
     def _settle_one(self, record: ConversationRecord, summary: Summary) -> None:
         cid = record.conversation_id
         now = self.clock.now()
-        started = parse_iso(record.send_started_at or record.attributes["updated_at"])
-        if now - started < timedelta(seconds=self.settings.send_settle_seconds) or (
-            record.lease_is_live(now)
-        ):
+        if record.lease_is_live(now):
             # A send may be in flight right now (the lease is held through the Twilio call):
             # asking Twilio now could find nothing and lead to a second send.
             summary.sending_waiting.append(cid)
             return
         try:
             credentials, company_number = self._credentials(record)
-            found = self._lookup(record, credentials, company_number)
+            check = check_send(
+                self.deps.sender,
+                credentials,
+                record,
+                company_number,
+                now=now,
+                settle_seconds=self.settings.send_settle_seconds,
+                skew_seconds=self.settings.clock_skew_seconds,
+            )
         except (RetryableError, PermanentError, _RecordIncomplete) as exc:
             self._mark_needs_reconciliation(record, f"cannot verify the send: {exc}", summary)
             return
-        draft = record.draft
-        match, ambiguous = _pick_match(found, draft.rendered if draft else None)
-        if ambiguous:
-            self._mark_needs_reconciliation(
-                record,
-                f"{len(found)} messages to this recipient since the send; none matches",
-                summary,
-            )
-            return
-        if match is not None:
-            self._complete(record, match, summary.sending_completed, summary, how="lookup")
-            return
-        if draft is None:
-            self._mark_needs_reconciliation(record, "sending record has no draft", summary)
-            return
-        self._resend(record, credentials, company_number, summary)
+        if check.verdict is Verdict.FOUND:
+            assert check.message is not None
+            self._complete(record, check.message, summary.sending_completed, summary, how="lookup")
+        elif check.verdict is Verdict.SETTLING:
+            summary.sending_waiting.append(cid)
+        elif check.verdict is Verdict.UNKNOWN:
+            self._mark_needs_reconciliation(record, check.reason, summary)
+        else:
+            self._resend(record, credentials, company_number, summary)
 
     def _resend(
         self,
@@ -328,21 +331,14 @@ class Reconciler:
             summary.sending_waiting.append(cid)
             summary.reasons[cid] = f"template: {exc}"
             return
-        send_attempt_id, now = uuid.uuid4().hex, self.clock.now()
         try:
-            self.deps.store.update(
-                record.key,
-                Expect.status(Status.SENDING, send_attempt_id=record.send_attempt_id),
-                {
-                    "send_attempt_id": send_attempt_id,
-                    "send_started_at": iso(now),
-                    "updated_at": iso(now),
-                    # Held through the call, as the pipeline does: a redelivery meanwhile is busy.
-                    "lease_owner": f"reconciler-{send_attempt_id}",
-                    "lease_expires_at": lease_until(
-                        now, self.settings.twilio_timeout_seconds + _MARGIN_SECONDS
-                    ),
-                },
+            send_attempt_id = take_over_send(
+                self.deps.store,
+                record,
+                owner=f"reconciler-{uuid.uuid4().hex}",
+                now=self.clock.now(),
+                # Held through the call, as the pipeline does: a redelivery meanwhile is busy.
+                lease_seconds=self.settings.twilio_timeout_seconds + _MARGIN_SECONDS,
             )
         except (StateConflict, RetryableError) as exc:
             summary.sending_waiting.append(cid)  # someone else took it, or try next run
@@ -448,9 +444,16 @@ class Reconciler:
                 match = None
                 try:
                     credentials, company_number = self._credentials(record)
-                    found = self._lookup(record, credentials, company_number)
-                    draft = record.draft
-                    match, _ = _pick_match(found, draft.rendered if draft else None)
+                    check = check_send(
+                        self.deps.sender,
+                        credentials,
+                        record,
+                        company_number,
+                        now=now,
+                        settle_seconds=0,  # only a found message changes anything here
+                        skew_seconds=self.settings.clock_skew_seconds,
+                    )
+                    match = check.message if check.verdict is Verdict.FOUND else None
                 except (RetryableError, PermanentError, _RecordIncomplete):
                     pass  # still unknown: it stays for the operator
                 if match is not None and self._complete(
@@ -476,16 +479,6 @@ class Reconciler:
             raise _RecordIncomplete(f"company number is not E.164: {exc}") from exc
         return parse_twilio_credentials(self.deps.secrets.get(str(name)), str(name)), company_number
 
-    def _lookup(
-        self, record: ConversationRecord, credentials: TwilioCredentials, company_number: str
-    ) -> list[SentMessage]:
-        since = parse_iso(record.send_started_at or record.attributes["updated_at"]) - timedelta(
-            seconds=self.settings.clock_skew_seconds
-        )
-        return self.deps.sender.find_sent(
-            credentials, record.primary_channel, company_number, since
-        )
-
     def _complete(
         self,
         record: ConversationRecord,
@@ -497,15 +490,14 @@ class Reconciler:
         """The final update for a message Twilio has; processing time runs from the record's
         creation to the message's creation at Twilio (the request's whole wait)."""
         cid = record.conversation_id
-        created = parse_iso(record.attributes["created_at"])
-        at = message.created_at or self.clock.now()
+        now = self.clock.now()
         pending = pending_update(
             record.key,
             record.send_attempt_id or "",
             message,
             record.draft,
-            max(0, int((at - created).total_seconds() * 1000)),
-            self.clock.now(),
+            ms_since_created(record, message.created_at or now),
+            now,
         )
         try:
             _, wrote = write_final_update(self.deps.store, pending)
@@ -611,9 +603,7 @@ def resolve_sent(
     message = SentMessage(sid=sid, status="operator_confirmed")
     try:
         credentials, company_number = Reconciler(deps, settings)._credentials(record)
-        since = parse_iso(record.send_started_at or record.attributes["updated_at"]) - timedelta(
-            seconds=settings.clock_skew_seconds
-        )
+        since = lookup_since(record, settings.clock_skew_seconds)
         for found in deps.sender.find_sent(
             credentials, record.primary_channel, company_number, since
         ):
@@ -623,14 +613,12 @@ def resolve_sent(
         logger.warning(
             "resolve: Twilio not asked for the message details", extra={"error": str(exc)}
         )
-    created = parse_iso(record.attributes["created_at"])
-    at = message.created_at or now
     pending = pending_update(
         record.key,
         record.send_attempt_id or "",
         message,
         record.draft,
-        max(0, int((at - created).total_seconds() * 1000)),
+        ms_since_created(record, message.created_at or now),
         now,
     )
     written = deps.store.update(
