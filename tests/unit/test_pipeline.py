@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from channel_processor.domain import Expect, Outcome, RecordKey, Status, iso, utcnow
+from channel_processor.context import validate
+from channel_processor.domain import Expect, Outcome, RecordKey, Status, iso, status_change, utcnow
 from channel_processor.errors import (
     ComposerUnavailable,
     LookupUnavailable,
@@ -39,6 +40,28 @@ KEY = RecordKey(RECIPIENT, context_object()["conversation_data"]["conversation_i
 def critical_lines(stderr: str) -> list[dict[str, Any]]:
     lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
     return [line for line in lines if line.get("level") == "CRITICAL"]
+
+
+def seed_record(
+    world: World,
+    data: dict[str, Any],
+    status: Status,
+    lease_owner: str,
+    lease_for: timedelta,
+    **extra: Any,
+) -> None:
+    """A record another attempt left behind, holding a lease that ends ``lease_for`` from now."""
+    now = utcnow()
+    world.store.create(
+        validate(data).record_attributes()
+        | status_change(status, now)
+        | {
+            "created_at": iso(now),
+            "lease_owner": lease_owner,
+            "lease_expires_at": iso(now + lease_for),
+            **extra,
+        }
+    )
 
 
 def test_valid_context_is_sent_once_and_recorded() -> None:
@@ -281,18 +304,7 @@ def test_rejected_send_is_a_permanent_failure() -> None:
 def test_live_lease_of_another_attempt_means_retry_without_sending() -> None:
     world = World()
     data = context_object()
-    now = utcnow()
-    from channel_processor.context import validate
-
-    item = validate(data).record_attributes() | {
-        "conversation_status": "processing",
-        "open_status": "processing",
-        "created_at": iso(now),
-        "updated_at": iso(now),
-        "lease_owner": "other-attempt",
-        "lease_expires_at": iso(now + timedelta(minutes=5)),
-    }
-    world.store.create(item)
+    seed_record(world, data, Status.PROCESSING, "other-attempt", timedelta(minutes=5))
     result = world.process(data)
     assert result.outcome is Outcome.RETRY and world.sender.sent == []
 
@@ -300,18 +312,7 @@ def test_live_lease_of_another_attempt_means_retry_without_sending() -> None:
 def test_expired_lease_is_taken_over_and_sent_once() -> None:
     world = World()
     data = context_object()
-    now = utcnow()
-    from channel_processor.context import validate
-
-    item = validate(data).record_attributes() | {
-        "conversation_status": "processing",
-        "open_status": "processing",
-        "created_at": iso(now),
-        "updated_at": iso(now),
-        "lease_owner": "dead-attempt",
-        "lease_expires_at": iso(now - timedelta(seconds=1)),
-    }
-    world.store.create(item)
+    seed_record(world, data, Status.PROCESSING, "dead-attempt", timedelta(seconds=-1))
     assert world.process(data).outcome is Outcome.SENT
     assert world.sender.sends_to(RECIPIENT) == 1
 
@@ -473,20 +474,15 @@ def test_a_redriven_invalid_body_goes_back_to_the_dlq_unwrapped() -> None:
 def test_sending_record_with_a_live_lease_is_left_alone_while_the_send_may_be_in_flight() -> None:
     world = World()
     data = context_object()
-    now = utcnow()
-    from channel_processor.context import validate
-
-    item = validate(data).record_attributes() | {
-        "conversation_status": "sending",
-        "open_status": "sending",
-        "created_at": iso(now),
-        "updated_at": iso(now),
-        "lease_owner": "attempt-in-flight",
-        "lease_expires_at": iso(now + timedelta(minutes=2)),
-        "send_attempt_id": "s-1",
-        "send_started_at": iso(now),
-    }
-    world.store.create(item)
+    seed_record(
+        world,
+        data,
+        Status.SENDING,
+        "attempt-in-flight",
+        timedelta(minutes=2),
+        send_attempt_id="s-1",
+        send_started_at=iso(utcnow()),
+    )
     result = world.process(data, receive_count=2)
     assert result.outcome is Outcome.RETRY
     assert [op for op, _ in world.sender.calls] == [] and world.sender.sent == []
