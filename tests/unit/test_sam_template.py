@@ -472,6 +472,35 @@ def test_line_emitted_by_the_project_logger_matches_the_metric_filter(
     assert matches_filter_pattern(pattern, lines[0])
 
 
+def test_the_pipelines_own_step8_line_matches_the_metric_filter(
+    template: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a message sent whose final update fails at every try (the real pipeline on fakes)
+    from channel_processor.domain import Status
+    from channel_processor.errors import StoreUnavailable
+    from tests.support import World, context_object
+
+    world = World()
+
+    def final_update_down(op: str, key: Any) -> None:
+        record = world.store.peek(key) if key else None
+        if op == "update" and record is not None and record.status is Status.SENDING:
+            raise StoreUnavailable("ProvisionedThroughputExceededException")
+
+    world.store.script = final_update_down
+    world.process(context_object())
+
+    # When every line it wrote is judged by the template's pattern
+    pattern = props(template, "FinalUpdateFailedMetricFilter")["FilterPattern"]
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    matching = [ln for ln in lines if matches_filter_pattern(pattern, ln)]
+
+    # Then exactly the one CRITICAL Step 8 line is counted by the alarm's metric
+    assert len(matching) == 1
+    line = json.loads(matching[0])
+    assert line["level"] == "CRITICAL" and line["message_sid"].startswith("SM")
+
+
 def test_metric_filter_feeds_an_alarm_that_notifies_the_topic(template: dict[str, Any]) -> None:
     (transformation,) = props(template, "FinalUpdateFailedMetricFilter")["MetricTransformations"]
     alarm = props(template, "FinalUpdateFailedAlarm")
