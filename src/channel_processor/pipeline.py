@@ -334,9 +334,20 @@ class Pipeline:
                     message_sid=existing.attributes.get("message_sid"),
                 )
             if action is ClaimAction.BUSY:
-                return self._retry_result(
-                    existing.conversation_id, existing.status, "another attempt holds a live lease"
+                reason = (
+                    f"another attempt holds a live lease on this {existing.status.value} record"
                 )
+                if self._is_last_receive(attempt.delivery) and self._forward_dead(
+                    attempt.delivery, [f"{reason} on the last receive; redrive once it is free"]
+                ):
+                    # SQS would dead-letter it anyway; this way the DLQ entry says why.
+                    return ProcessResult(
+                        existing.conversation_id,
+                        existing.status.value,
+                        Outcome.FAILED,
+                        errors=(reason,),
+                    )
+                return self._retry_result(existing.conversation_id, existing.status, reason)
             if action is ClaimAction.VERIFY_SEND:
                 return self._verify_send(attempt, existing)
             try:
@@ -393,6 +404,9 @@ class Pipeline:
                     **status_change(Status.SENDING, now),
                     "send_attempt_id": send_attempt_id,
                     "send_started_at": iso(now),
+                    # Renewed so the lease covers the Twilio call: a duplicate delivery meanwhile
+                    # finds it live and backs off instead of asking Twilio mid-send.
+                    "lease_expires_at": lease_until(now, self._send_lease_seconds()),
                 },
             )
         except PermanentError as exc:
@@ -576,7 +590,7 @@ class Pipeline:
                 record,
                 owner=attempt.owner,
                 now=now,
-                lease_seconds=self.settings.lease_seconds,
+                lease_seconds=self._send_lease_seconds(),
             )
             template = self.deps.sender.template(credentials, credentials.template_sid)
         except (StateConflict, RetryableError) as exc:
@@ -594,13 +608,15 @@ class Pipeline:
     ) -> ProcessResult:
         context = attempt.context
         now = self.deps.clock.now()
+        status = Status.NEEDS_RECONCILIATION
         try:
             self.deps.store.update(
                 context.key,
                 Expect.status(Status.SENDING),
-                {**status_change(Status.NEEDS_RECONCILIATION, now), "last_error": reason[:2000]},
+                {**status_change(status, now), "last_error": reason[:2000]},
             )
-        except Exception as exc:
+        except Exception as exc:  # left `sending`: the reconciler's next pass asks Twilio again
+            status = Status.SENDING
             logger.warning("could not mark needs_reconciliation", extra={"error": repr(exc)})
         self.deps.metrics.count("needs_reconciliation")
         logger.critical(
@@ -612,12 +628,10 @@ class Pipeline:
                 "reason": reason,
             },
         )
-        self._forward_dead(attempt.delivery, [reason])
+        if not self._forward_dead(attempt.delivery, [reason]):
+            return self._retry_result(context.conversation_id, status, reason)
         return ProcessResult(
-            context.conversation_id,
-            Status.NEEDS_RECONCILIATION.value,
-            Outcome.FAILED,
-            errors=(reason,),
+            context.conversation_id, status.value, Outcome.FAILED, errors=(reason,)
         )
 
     # -- step 8 -------------------------------------------------------------------------------------
@@ -697,7 +711,16 @@ class Pipeline:
     # -- failure paths ----------------------------------------------------------------------------
 
     def _fail(self, attempt: _Attempt, exc: PermanentError, expect: Expect) -> ProcessResult:
-        status = self._write_failure(attempt, exc.status, exc.code, exc.reason, expect)
+        try:
+            status = self._write_failure(attempt, exc.status, exc.code, exc.reason, expect)
+        except Exception as err:
+            # Acking now would lose the request with a record that says nothing: come back, the
+            # same permanent error will be met and recorded then.
+            return self._retry_result(
+                attempt.context.conversation_id,
+                None,
+                f"{exc.reason} (the failure could not be recorded: {err!r})",
+            )
         self.deps.metrics.count("failed_permanent", code=exc.code)
         logger.error(
             "permanent failure",
@@ -710,6 +733,8 @@ class Pipeline:
     def _write_failure(
         self, attempt: _Attempt, status: Status, code: str, reason: str, expect: Expect
     ) -> str | None:
+        """Mark the record ``failed_*``: its new status, or None when it has moved on (another
+        attempt owns it: not ours to mark). A store error is raised: the caller must not ack."""
         now = self.deps.clock.now()
         try:
             record = self.deps.store.update(
@@ -724,9 +749,10 @@ class Pipeline:
                 },
             )
             return record.status.value
-        except Exception as err:
-            logger.error(
-                "could not record the failure", extra={"error": repr(err), "status": status.value}
+        except StateConflict as err:
+            logger.warning(
+                "record moved on; failure not recorded here",
+                extra={"error": repr(err), "status": status.value},
             )
             return None
 
@@ -753,8 +779,17 @@ class Pipeline:
             )
             code = "gave_up_lease_lost" if lease_lost else f"gave_up_{attempt.step}"
             message = f"gave up after {attempt.delivery.receive_count} receives: {reason}"
-            written = self._write_failure(attempt, status, code, message, expect)
-            self._forward_dead(attempt.delivery, [message])
+            try:
+                written = self._write_failure(attempt, status, code, message, expect)
+            except Exception as err:
+                # Nothing could be written: hand the message back rather than ack it; after this
+                # last receive SQS's own redrive moves it to the DLQ, and the reconciler lists
+                # the record as stuck.
+                return self._retry_result(
+                    attempt.context.conversation_id, None, f"{message} (not recorded: {err!r})"
+                )
+            if not self._forward_dead(attempt.delivery, [message]):
+                return self._retry_result(attempt.context.conversation_id, written, message)
             self.deps.metrics.count("failed_permanent", code=code)
             return ProcessResult(
                 attempt.context.conversation_id, written, Outcome.FAILED, errors=(message,)
@@ -779,12 +814,16 @@ class Pipeline:
         )
         return self._retry_result(attempt.context.conversation_id, Status.PROCESSING, reason)
 
-    def _forward_dead(self, delivery: Delivery, reasons: list[str]) -> None:
+    def _forward_dead(self, delivery: Delivery, reasons: list[str]) -> bool:
+        """Forward the body with its reasons; False when that failed, and then the caller must
+        not ack (SQS's own redrive still moves the message after maxReceiveCount)."""
         try:
             self.deps.dead_letters.forward(delivery.body, reasons, delivery.message_id)
-            self.deps.metrics.count("dlq_forwarded")
-        except Exception as exc:  # SQS's own redrive still moves it after maxReceiveCount
+        except Exception as exc:
             logger.error("could not forward to the DLQ", extra={"error": repr(exc)})
+            return False
+        self.deps.metrics.count("dlq_forwarded")
+        return True
 
     def _retry_result(
         self, conversation_id: str | None, status: Status | str | None, reason: str
@@ -796,6 +835,11 @@ class Pipeline:
 
     def _is_last_receive(self, delivery: Delivery) -> bool:
         return delivery.receive_count >= self.settings.max_receive_count
+
+    def _send_lease_seconds(self) -> float:
+        """Long enough to cover the Twilio call. (A redelivery that finds the lease just ended
+        before the final update asks Twilio, finds the message and finishes the record.)"""
+        return max(self.settings.lease_seconds, self.settings.twilio_timeout_seconds)
 
     def _has_time(self, deadline: float | None, seconds: float) -> bool:
         return deadline is None or deadline - self._monotonic() > seconds

@@ -64,7 +64,8 @@ FAULT_SETTINGS = Settings(
     clock_skew_seconds=30.0,
     heartbeat_interval_seconds=0.05,
     heartbeat_extension_seconds=1,
-    twilio_timeout_seconds=1.0,
+    # The send's lease is max(lease, Twilio timeout): keep it within two redeliveries too.
+    twilio_timeout_seconds=0.5,
     openai_timeout_seconds=2.0,
     final_update_attempts=3,
     batch_concurrency=4,

@@ -33,12 +33,14 @@ def fast_aws(
     aws: AwsWorld, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[tuple[AwsWorld, MotoQueue]]:
     """The AWS world with a queue whose redeliveries come within a second or two."""
-    queue = MotoQueue(aws.endpoint, visibility_seconds=1, max_receive_count=4)
+    # Receives come about a second apart; the lease (and the send lease: the Twilio timeout)
+    # must run out well within maxReceiveCount of them, even on a loaded machine.
+    queue = MotoQueue(aws.endpoint, visibility_seconds=1, max_receive_count=8)
     for name, value in {
         "CP_QUEUE_URL": queue.url,
         "CP_DLQ_URL": queue.dlq_url,
-        "CP_MAX_RECEIVE_COUNT": "4",
-        "CP_LEASE_SECONDS": "1",
+        "CP_MAX_RECEIVE_COUNT": "8",
+        "CP_LEASE_SECONDS": "0.5",
         "CP_HEARTBEAT_INTERVAL_SECONDS": "0.3",
         "CP_HEARTBEAT_EXTENSION_SECONDS": "1",
         "CP_TWILIO_TIMEOUT_SECONDS": "1",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
@@ -486,3 +487,76 @@ def test_sending_record_with_a_live_lease_is_left_alone_while_the_send_may_be_in
     result = world.process(data, receive_count=2)
     assert result.outcome is Outcome.RETRY
     assert [op for op, _ in world.sender.calls] == [] and world.sender.sent == []
+
+
+def throttle_every_update(op: str, key: RecordKey | None) -> None:
+    if op == "update":
+        raise StoreUnavailable("ProvisionedThroughputExceededException after the SDK's retries")
+
+
+def test_permanent_failure_that_cannot_be_recorded_is_retried_not_acked() -> None:
+    broken = {k: v for k, v in TWILIO_SECRET.items() if k != "twilio_auth_token"}
+    world = World(
+        secrets=FakeSecretSource({TWILIO_SECRET_NAME: broken, OPENAI_SECRET_NAME: OPENAI_SECRET})
+    )
+    world.settings = world.settings.__class__(**{**world.settings.__dict__, "lease_seconds": 0.05})
+    world.store.script = throttle_every_update
+    result = world.process(context_object())
+    assert result.should_retry and "could not be recorded" in result.errors[0]
+    world.store.script = None
+    time.sleep(0.1)  # the lease it could not release runs out
+    again = world.process(context_object(), receive_count=2)
+    record = world.store.peek(KEY)
+    assert again.outcome is Outcome.FAILED
+    assert record is not None and record.status is Status.FAILED_SECRETS_FETCH
+
+
+def test_last_receive_that_cannot_record_the_failure_hands_the_message_back_to_sqs() -> None:
+    world = World(
+        composer=FakeComposer(lambda r, n: (_ for _ in ()).throw(ComposerUnavailable("503")))
+    )
+    world.store.script = throttle_every_update
+    result = world.process(context_object(), receive_count=world.settings.max_receive_count)
+    # not acked: SQS's redrive moves it to the DLQ after this receive, nothing is lost
+    assert result.should_retry and world.dead_letters.forwarded == []
+
+
+def test_last_receive_on_a_busy_record_goes_to_the_dlq_with_the_reason() -> None:
+    world = World()
+    data = context_object()
+    seed_record(world, data, Status.PROCESSING, "crashed-attempt", timedelta(seconds=60))
+    result = world.process(data, receive_count=world.settings.max_receive_count)
+    [letter] = world.dead_letters.forwarded
+    assert result.outcome is Outcome.FAILED and not result.should_retry
+    assert "live lease" in letter.reasons[0] and world.sender.sent == []
+
+
+def test_number_that_cannot_be_e164_is_rejected_before_anything_is_sent() -> None:
+    world = World()
+    result = world.process(context_object(recipient_tel="00555 000 1111"))
+    assert result.outcome is Outcome.REJECTED
+    assert "recipient_tel" in result.errors[0] and world.sender.calls == []
+    assert world.store.all() == []
+
+
+def test_the_sending_write_renews_the_lease_over_the_twilio_call() -> None:
+    seen: dict[str, Any] = {}
+    world = World()
+
+    def look_at_the_record(op: str, request: Any) -> Any:
+        if op == "send":
+            record = world.store.peek(KEY)
+            assert record is not None
+            seen["lease"] = record.lease_expires_at
+            seen["started"] = record.send_started_at
+        return None
+
+    world.sender = FakeSender(script=look_at_the_record)
+    world.settings = world.settings.__class__(
+        **{**world.settings.__dict__, "lease_seconds": 1.0, "twilio_timeout_seconds": 30.0}
+    )
+    world.process(context_object())
+    from channel_processor.domain import parse_iso
+
+    lease = parse_iso(seen["lease"]) - parse_iso(seen["started"])
+    assert lease >= timedelta(seconds=30)
