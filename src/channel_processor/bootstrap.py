@@ -56,6 +56,10 @@ def _boto_client(service: Any, settings: Settings) -> Any:
 
     # Short connect/read timeouts and the SDK's standard retry mode (3 attempts with jitter): a
     # throttled call is retried inside the SDK first, then surfaces as a retryable error of ours.
+    if settings.region is None and boto3.session.Session().region_name is None:
+        raise ConfigurationError(
+            f"no AWS region: set AWS_REGION (or AWS_DEFAULT_REGION) for the {service} back end"
+        )
     config = Config(
         connect_timeout=3,
         read_timeout=10,

@@ -93,6 +93,12 @@ class Settings:
 
     def __post_init__(self) -> None:
         problems = []
+
+        def bad(name: str, rule: str) -> None:
+            # Name the environment variable too: that is what an operator has to change.
+            var = _ENV_OF_FIELD.get(name)
+            problems.append(f"{name} ({var}) {rule}" if var else f"{name} {rule}")
+
         for name, allowed in (
             ("store", STORES),
             ("composer", COMPOSERS),
@@ -101,18 +107,18 @@ class Settings:
             ("metrics", METRICS),
         ):
             if getattr(self, name) not in allowed:
-                problems.append(
-                    f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
-                )
+                bad(name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.log_level not in LOG_LEVELS:
-            problems.append(f"log_level must be one of {', '.join(LOG_LEVELS)}")
+            bad("log_level", f"must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         if self.heartbeat_interval_seconds <= 0:
-            problems.append("heartbeat_interval_seconds must be > 0")
+            bad("heartbeat_interval_seconds", "must be > 0")
         if not 0 < self.heartbeat_extension_seconds <= 43_200:
-            problems.append("heartbeat_extension_seconds must be in 1..43200 (SQS's 12-hour cap)")
+            bad("heartbeat_extension_seconds", "must be in 1..43200 (SQS's 12-hour cap)")
         if self.heartbeat_interval_seconds >= self.heartbeat_extension_seconds:
-            problems.append(
-                "heartbeat_interval_seconds must be shorter than heartbeat_extension_seconds"
+            bad(
+                "heartbeat_interval_seconds",
+                f"must be shorter than heartbeat_extension_seconds "
+                f"({_ENV_OF_FIELD['heartbeat_extension_seconds']})",
             )
         for name in (
             "max_receive_count",
@@ -121,10 +127,13 @@ class Settings:
             "final_update_attempts",
         ):
             if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1")
+                bad(name, "must be >= 1")
         for name in ("lease_seconds", "openai_timeout_seconds", "twilio_timeout_seconds"):
             if getattr(self, name) <= 0:
-                problems.append(f"{name} must be > 0")
+                bad(name, "must be > 0")
+        for name in ("send_settle_seconds", "clock_skew_seconds", "secrets_ttl_seconds"):
+            if getattr(self, name) < 0:
+                bad(name, "must be >= 0")
         if problems:
             raise ConfigurationError("invalid settings: " + "; ".join(problems))
 

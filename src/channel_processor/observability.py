@@ -32,7 +32,11 @@ class _CurrentStderrHandler(logging.StreamHandler[Any]):
         pass
 
 
-logger = Logger(service=SERVICE, logger_handler=_CurrentStderrHandler(), use_rfc3339=True)
+# The level is explicit so importing never parses LOG_LEVEL: Settings validates it and the
+# composition root applies it (set_level), with a clear error for a bad value.
+logger = Logger(
+    service=SERVICE, logger_handler=_CurrentStderrHandler(), use_rfc3339=True, level="INFO"
+)
 
 
 def set_level(level: str) -> None:

@@ -131,7 +131,11 @@ def test_twilio_secret_without_auth_token_fails_without_logging_the_value(
     aws.client("secretsmanager").put_secret_value(
         SecretId=TWILIO_SECRET_NAME,
         SecretString=json.dumps(
-            {"twilio_account_sid": "AC" + "1" * 32, "twilio_template_sid": "HXsecretvalue42"}
+            {
+                "twilio_account_sid": "AC" + "1" * 32,
+                "twilio_template_sid": "HXsecretvalue42",
+                "twilio_auth_tokn": "tok-misspelt-but-secret",  # the key is misspelt
+            }
         ),
     )
     data = context_object()
@@ -140,7 +144,9 @@ def test_twilio_secret_without_auth_token_fails_without_logging_the_value(
     record = aws.record(RECIPIENT, conversation_id(data))
     assert record is not None and record["conversation_status"] == "failed_secrets_fetch"
     assert "twilio_auth_token" in record["failure_reason"]
-    assert "HXsecretvalue42" not in capsys.readouterr().err
+    logged = capsys.readouterr().err
+    assert "HXsecretvalue42" not in logged and "tok-misspelt-but-secret" not in logged
+    assert "tok-misspelt-but-secret" not in record["failure_reason"]
     assert aws.twilio.creates == []
 
 

@@ -195,7 +195,7 @@ def test_composer_recovers_on_second_answer() -> None:
     ("secret", "named"),
     [
         ({k: v for k, v in TWILIO_SECRET.items() if k != "twilio_auth_token"}, "twilio_auth_token"),
-        ("this is not json tok-very-secret-123", "not"),
+        ("this is not json tok-very-secret-123", "is not valid json"),
     ],
 )
 def test_malformed_twilio_secret_fails_naming_the_problem_without_the_value(
