@@ -55,6 +55,7 @@ from channel_processor.pipeline import (
 from channel_processor.ports import Clock, RepairEntry, TwilioCredentials
 from channel_processor.secrets import parse_twilio_credentials
 from channel_processor.send_check import (
+    SendCheck,
     Verdict,
     check_send,
     lookup_since,
@@ -287,16 +288,7 @@ class Reconciler:
             summary.sending_waiting.append(cid)
             return
         try:
-            credentials, company_number = self._credentials(record)
-            check = check_send(
-                self.deps.sender,
-                credentials,
-                record,
-                company_number,
-                now=now,
-                settle_seconds=self.settings.send_settle_seconds,
-                skew_seconds=self.settings.clock_skew_seconds,
-            )
+            credentials, company_number, check = self._check(record, now, settle=True)
         except (RetryableError, PermanentError, _RecordIncomplete) as exc:
             self._mark_needs_reconciliation(record, f"cannot verify the send: {exc}", summary)
             return
@@ -443,16 +435,8 @@ class Reconciler:
             with log_context(conversation_id=cid):
                 match = None
                 try:
-                    credentials, company_number = self._credentials(record)
-                    check = check_send(
-                        self.deps.sender,
-                        credentials,
-                        record,
-                        company_number,
-                        now=now,
-                        settle_seconds=0,  # only a found message changes anything here
-                        skew_seconds=self.settings.clock_skew_seconds,
-                    )
+                    # Without a settle window: only a found message changes anything here.
+                    _, _, check = self._check(record, now, settle=False)
                     match = check.message if check.verdict is Verdict.FOUND else None
                 except (RetryableError, PermanentError, _RecordIncomplete):
                     pass  # still unknown: it stays for the operator
@@ -464,6 +448,21 @@ class Reconciler:
                 summary.reasons.setdefault(cid, str(record.attributes.get("last_error") or ""))
 
     # -- shared -----------------------------------------------------------------------------------
+
+    def _check(
+        self, record: ConversationRecord, now: datetime, settle: bool
+    ) -> tuple[TwilioCredentials, str, SendCheck]:
+        credentials, company_number = self._credentials(record)
+        check = check_send(
+            self.deps.sender,
+            credentials,
+            record,
+            company_number,
+            now=now,
+            settle_seconds=self.settings.send_settle_seconds if settle else 0,
+            skew_seconds=self.settings.clock_skew_seconds,
+        )
+        return credentials, company_number, check
 
     def _credentials(self, record: ConversationRecord) -> tuple[TwilioCredentials, str]:
         config = record.attributes.get("channel_config") or {}
