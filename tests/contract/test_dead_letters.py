@@ -111,3 +111,13 @@ def test_sqs_dead_letter_too_big_for_an_envelope_keeps_the_body_verbatim(
     attributes = message["MessageAttributes"]
     assert attributes["format"]["StringValue"] == "raw"
     assert json.loads(attributes["reasons"]["StringValue"]) == ["too late"]
+
+
+def test_sqlite_letter_can_be_removed_once_redriven(tmp_path: Path) -> None:
+    letters = SQLiteDeadLetters(tmp_path / "local.db")
+    letters.forward("{}", ["reason"], "m-1")
+    letters.forward("[]", ["reason"], "m-2")
+    first, second = letters.list()
+    letters.remove(first.id)
+    letters.remove(first.id)  # idempotent
+    assert [letter.id for letter in letters.list()] == [second.id]

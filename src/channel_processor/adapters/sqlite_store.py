@@ -419,5 +419,10 @@ class SQLiteDeadLetters:
             for row in rows
         ]
 
+    def remove(self, letter_id: int) -> None:
+        """Delete one letter (after a local redrive dealt with it). Idempotent."""
+        with self._db.transaction() as connection:
+            connection.execute("DELETE FROM dead_letters WHERE id = ?", (letter_id,))
+
     def close(self) -> None:
         self._db.close()

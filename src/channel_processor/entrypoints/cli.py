@@ -383,22 +383,12 @@ def cmd_dlq(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
         )
         counts[result.outcome.value] += 1
         if not result.should_retry:
-            _delete_local_letter(settings.sqlite_path, letter.id)
+            letters_store.remove(letter.id)
         stdout.write(_summary_line(f"dead-letter {letter.id}", result) + "\n")
     stdout.write(
         "redriven: " + ", ".join(f"{o.value} {counts.get(o.value, 0)}" for o in Outcome) + "\n"
     )
     return EXIT_RETRY if counts[Outcome.RETRY.value] else EXIT_OK
-
-
-def _delete_local_letter(path: str, letter_id: int) -> None:
-    # SQLiteDeadLetters has no remove method yet (the DeadLetters port only forwards); until it
-    # does, the CLI deletes the one row it has just redriven, by its id.
-    import sqlite3
-
-    with sqlite3.connect(path) as connection:
-        connection.execute("DELETE FROM dead_letters WHERE id = ?", (letter_id,))
-    connection.close()
 
 
 def _dlq_aws(args: argparse.Namespace, settings: Settings, stdout: TextIO, stderr: TextIO) -> int:
