@@ -110,7 +110,7 @@ class EventSource:
             if not messages:
                 with self._lock:
                     busy = self._busy
-                if busy == 0 and self.queue.counts() == (0, 0):
+                if busy == 0 and self._drained():
                     return
                 time.sleep(self.poll_interval)
                 continue
@@ -121,6 +121,17 @@ class EventSource:
             finally:
                 with self._lock:
                     self._busy -= 1
+
+    def _drained(self) -> bool:
+        """Empty with nothing in flight, seen twice a poll interval apart: SQS (and moto) count
+        visible and in-flight messages at two instants, so a message whose visibility ends
+        between them is counted in neither, and one look alone could stop the run too early."""
+        if self.queue.counts() != (0, 0):
+            return False
+        time.sleep(self.poll_interval)
+        with self._lock:
+            busy = self._busy
+        return busy == 0 and self.queue.counts() == (0, 0)
 
     def invoke(self, messages: list[Received]) -> dict[str, Any] | None:
         """One invocation; None when it crashed (then nothing is deleted)."""
