@@ -153,7 +153,7 @@ def run_soak(
     # messages whose record is still open), until nothing changes.
     faults.enabled = False
     figures.open_after_faults = len(_open(world, convs))
-    figures.reconciler = _reconcile(world)
+    reconciled = _reconcile(world)
     # Open, or never claimed at all (every claim crashed): its message is only in the DLQ.
     still_open = {c.key for c in _open(world, convs)}
     dead = [
@@ -164,8 +164,8 @@ def run_soak(
     if dead:
         figures.redriven = len(dead)
         _redrive(world, dead, batch_size, consumers)
-        for name, count in _reconcile(world).items():
-            figures.reconciler[name] = figures.reconciler.get(name, 0) + count
+        _reconcile(world, reconciled)
+    figures.reconciler = {name: len(ids) for name, ids in sorted(reconciled.items())}
     _judge(world, convs, figures)
     figures.seconds = time.monotonic() - started
     return figures
@@ -184,19 +184,29 @@ def _in_dlq(world: FaultWorld, c: Conversation) -> bool:
     return world.dlq_count(c) > 0
 
 
-def _reconcile(world: FaultWorld) -> dict[str, int]:
-    """Run the reconciler until a pass changes nothing (leases of crashed sends expire first)."""
+def _reconcile(world: FaultWorld, seen: dict[str, set[str]] | None = None) -> dict[str, set[str]]:
+    """Run the reconciler until a pass changes nothing (leases of crashed sends expire first);
+    returns the distinct conversation ids per outcome, merged into ``seen`` (a record listed by
+    several passes or runs counts once)."""
     from channel_processor.reconcile import Reconciler
 
+    seen = {} if seen is None else seen
     time.sleep(SOAK_SETTINGS.lease_seconds)  # leases of crashed attempts end
-    first: dict[str, int] = {}
-    for n in range(5):
-        counts = Reconciler(world.pipeline.deps, world.settings).run().as_dict()["counts"]
-        first = first or {k: v for k, v in counts.items() if v}
-        if not any(counts[k] for k in ("repairs_applied", "sending_completed", "sending_resent")):
+    for _ in range(5):
+        result = Reconciler(world.pipeline.deps, world.settings).run().as_dict()
+        for name in result["counts"]:
+            ids = (
+                result[name]
+                if name != "stuck_processing"
+                else [s["conversation_id"] for s in result[name]]
+            )
+            if ids:
+                seen.setdefault(name, set()).update(ids)
+        if not any(
+            result["counts"][k] for k in ("repairs_applied", "sending_completed", "sending_resent")
+        ):
             break
-        first["passes"] = n + 1
-    return first
+    return seen
 
 
 def _redrive(world: FaultWorld, dead: list[Conversation], batch_size: int, consumers: int) -> None:

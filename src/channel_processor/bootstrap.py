@@ -15,7 +15,7 @@ from typing import Any
 from channel_processor.config import Settings
 from channel_processor.domain import Template
 from channel_processor.errors import ConfigurationError
-from channel_processor.observability import EmfMetrics, InMemoryMetrics, set_level
+from channel_processor.observability import EmfMetrics, InMemoryMetrics, set_level, set_service
 from channel_processor.pipeline import Dependencies, Pipeline
 
 
@@ -72,6 +72,7 @@ def _boto_client(service: Any, settings: Settings) -> Any:
 def build(settings: Settings, **overrides: Any) -> Pipeline:
     """A pipeline wired from ``settings``; any ``Dependencies`` field may be overridden."""
     set_level(settings.log_level)
+    set_service(settings.service_name)
     local = LocalConfig.load(settings.local_config) if _needs_local(settings) else None
     clients: dict[str, Any] = {}
 
@@ -99,7 +100,7 @@ def build(settings: Settings, **overrides: Any) -> Pipeline:
         parts["extender"] = SQSVisibilityExtender(client("sqs"), settings.queue_url)
     if "metrics" not in parts:
         parts["metrics"] = (
-            EmfMetrics(namespace=settings.metrics_namespace)
+            EmfMetrics(namespace=settings.metrics_namespace, service=settings.service_name)
             if settings.metrics == "emf"
             else InMemoryMetrics()
         )

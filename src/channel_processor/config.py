@@ -21,6 +21,7 @@ ENV_SENDER = "CP_SENDER"  # twilio | sandbox
 ENV_SECRETS = "CP_SECRETS"  # secretsmanager | local
 ENV_METRICS = "CP_METRICS"  # emf | memory
 ENV_METRICS_NAMESPACE = "POWERTOOLS_METRICS_NAMESPACE"
+ENV_SERVICE_NAME = "POWERTOOLS_SERVICE_NAME"
 ENV_TABLE_NAME = "CP_TABLE_NAME"
 ENV_QUEUE_URL = "CP_QUEUE_URL"
 ENV_DLQ_URL = "CP_DLQ_URL"
@@ -63,6 +64,7 @@ class Settings:
     secrets: str = "secretsmanager"
     metrics: str = "emf"
     metrics_namespace: str = "WhatsAppChannelProcessor"
+    service_name: str = "whatsapp-channel-processor"  # the "service" key of logs and metrics
     table_name: str = "conversations"
     queue_url: str | None = None
     dlq_url: str | None = None
@@ -178,6 +180,7 @@ _ENV_OF_FIELD = {
     "secrets": ENV_SECRETS,
     "metrics": ENV_METRICS,
     "metrics_namespace": ENV_METRICS_NAMESPACE,
+    "service_name": ENV_SERVICE_NAME,
     "table_name": ENV_TABLE_NAME,
     "queue_url": ENV_QUEUE_URL,
     "dlq_url": ENV_DLQ_URL,

@@ -43,6 +43,11 @@ def set_level(level: str) -> None:
     logger.setLevel(level)
 
 
+def set_service(name: str) -> None:
+    """The ``service`` key of every log line (POWERTOOLS_SERVICE_NAME, read via Settings)."""
+    logger.append_keys(service=name)
+
+
 @contextmanager
 def log_context(**keys: Any) -> Iterator[None]:
     """Bind correlation keys (conversation_id, request_id, message_id) for this thread."""

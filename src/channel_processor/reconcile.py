@@ -185,6 +185,12 @@ class Reconciler:
         except _OutOfTime:
             summary.incomplete = True
             logger.warning("reconciler stopped at its deadline", extra={"event": "reconcile_cut"})
+        else:
+            # A gauge, written every complete run (0 included): the alarm stays on while any
+            # record waits for a human, not only at the moment one is marked.
+            self.deps.metrics.count(
+                "needs_reconciliation_open", len(set(summary.needs_reconciliation))
+            )
         logger.info(
             "reconcile done",
             extra={"event": "reconcile_done", "counts": summary.as_dict()["counts"]},

@@ -71,3 +71,29 @@ def test_correlation_keys_are_bound_per_thread(capsys: pytest.CaptureFixture[str
 )
 def test_phone_numbers_are_masked(number: str, masked: str) -> None:
     assert mask_phone(number) == masked
+
+
+def test_service_name_from_the_environment_reaches_logs_and_metrics(
+    capsys: pytest.CaptureFixture[str], tmp_path: object
+) -> None:
+    from channel_processor.bootstrap import build
+    from channel_processor.config import Settings
+
+    settings = Settings.from_env(
+        {"POWERTOOLS_SERVICE_NAME": "wa-eu", "CP_METRICS": "emf"},
+        local=True,
+        sqlite_path=f"{tmp_path}/local.db",
+        log_level="INFO",
+    )
+    pipeline = build(settings)
+    try:
+        logger.info("hello")
+        pipeline.deps.metrics.count("sent")
+        pipeline.deps.metrics.flush()
+        captured = capsys.readouterr()
+        assert json.loads(captured.err.splitlines()[-1])["service"] == "wa-eu"
+        assert emf_lines(captured.out)[0]["service"] == "wa-eu"
+    finally:
+        from channel_processor.observability import SERVICE, set_service
+
+        set_service(SERVICE)

@@ -308,6 +308,11 @@ def test_given_twilio_unreachable_when_reconciled_then_needs_reconciliation_and_
     assert line["event"] == "needs_reconciliation" and line["conversation_id"] == CID
     assert line["recipient"] == mask_phone(RECIPIENT)
     assert rec.deps.metrics.counts["needs_reconciliation"] == 1  # type: ignore[attr-defined]
+    # and the gauge the alarm watches says one record waits; it stays so on the next run
+    assert rec.deps.metrics.counts["needs_reconciliation_open"] == 1  # type: ignore[attr-defined]
+    again = reconciler(world, later=timedelta(minutes=10))
+    again.run()
+    assert again.deps.metrics.counts["needs_reconciliation_open"] == 1  # type: ignore[attr-defined]
 
 
 def test_given_two_candidate_messages_none_matching_then_needs_reconciliation_not_a_send() -> None:

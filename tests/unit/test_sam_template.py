@@ -542,7 +542,7 @@ def test_alarms_watch_dlq_depth_oldest_message_and_needs_reconciliation(
 
     (query,) = alarms["NeedsReconciliationAlarm"]["Metrics"]
     assert render_sub(query["Expression"]["Fn::Sub"], template) == (
-        'SELECT SUM(needs_reconciliation) FROM "WhatsAppChannelProcessor"'
+        'SELECT MAX(needs_reconciliation_open) FROM "WhatsAppChannelProcessor"'
     )
     assert alarms["NeedsReconciliationAlarm"]["Threshold"] == 0
 

@@ -29,6 +29,10 @@ EXIT_FAILED = 1  # an input failed or was rejected
 EXIT_USAGE = 2
 EXIT_RETRY = 75  # EX_TEMPFAIL: only transient failures; running again may succeed
 
+# One-off commands keep their metrics in memory: EMF lines on stdout would mix with the output an
+# operator pipes into jq, and outside Lambda nothing ships them. (The worker keeps EMF.)
+_CLI_METRICS = "memory"
+
 
 def _inputs(paths: Sequence[str], stdin: TextIO) -> Iterator[tuple[str, str]]:
     """(label, body) per Context Object: each file is one object; ``-`` is JSON lines on stdin."""
@@ -66,7 +70,7 @@ def _json_default(value: Any) -> Any:
 
 
 def cmd_process(args: argparse.Namespace, stdout: TextIO, stderr: TextIO, stdin: TextIO) -> int:
-    pipeline = build(Settings.from_env(local=True))
+    pipeline = build(Settings.from_env(local=True, metrics=_CLI_METRICS))
     try:
         inputs = list(_inputs(args.files, stdin))
     except OSError as exc:
@@ -107,7 +111,7 @@ def _summary_line(label: str, result: ProcessResult) -> str:
 
 
 def cmd_show(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
-    pipeline = build(Settings.from_env(local=not args.aws))
+    pipeline = build(Settings.from_env(local=not args.aws, metrics=_CLI_METRICS))
     records = pipeline.deps.store.find(args.conversation_id)
     if not records:
         stderr.write(f"no record with conversation_id {args.conversation_id!r}\n")
@@ -162,7 +166,7 @@ def cmd_worker(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
 def cmd_reconcile(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     from channel_processor.reconcile import Reconciler
 
-    settings = Settings.from_env(local=not args.aws)
+    settings = Settings.from_env(local=not args.aws, metrics=_CLI_METRICS)
     pipeline = build(settings)
     reconciler = Reconciler(
         pipeline.deps, settings, stuck_after_seconds=args.stuck_after, batch_limit=args.limit
@@ -225,7 +229,7 @@ def cmd_resolve(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int
         resolve_sent,
     )
 
-    settings = Settings.from_env(local=not args.aws)
+    settings = Settings.from_env(local=not args.aws, metrics=_CLI_METRICS)
     pipeline = build(settings)
     record = find_needs_reconciliation(pipeline.deps, args.conversation_id, utcnow())
     if record is None:
@@ -353,7 +357,7 @@ def _write_letters(letters: list[dict[str, Any]], as_json: bool, stdout: TextIO)
 
 
 def cmd_dlq(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
-    settings = Settings.from_env(local=not args.aws)
+    settings = Settings.from_env(local=not args.aws, metrics=_CLI_METRICS)
     if args.aws or settings.store != "sqlite":
         return _dlq_aws(args, settings, stdout, stderr)
     from channel_processor.adapters.sqlite_store import SQLiteDeadLetters
