@@ -572,6 +572,43 @@ def test_given_two_reconcilers_at_once_over_50_repair_entries_on_sqlite_then_eac
     assert sender.calls == [] and sender.sent == []  # repairs never ask or send
 
 
+def test_two_reconcilers_that_both_receive_every_entry_still_apply_each_once(
+    tmp_path: Path,
+) -> None:
+    # given a repair log that hides nothing (visibility 0): both runs get every entry, so only the
+    # conditional final update stands between them and a double append
+    path = tmp_path / "local.db"
+    sender = FakeSender()
+    keys = seed_repairs(SQLiteConversationStore(path), SQLiteRepairLog(path), 50)
+    settings = replace(World().settings, send_settle_seconds=60.0)
+    barrier = threading.Barrier(2)
+    summaries: list[Any] = []
+
+    def run() -> None:
+        deps = sqlite_deps(path, sender)
+        deps.repair_log = SQLiteRepairLog(path, visibility_seconds=0)
+        rec = Reconciler(deps, settings)
+        barrier.wait(timeout=5)
+        summaries.append(rec.run())
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+
+    # then every entry was dealt with by both, applied by exactly one, appended exactly once
+    applied = [cid for s in summaries for cid in s.repairs_applied]
+    done = [cid for s in summaries for cid in s.repairs_already_done]
+    assert len(summaries) == 2 and len(set(applied)) == len(applied) == 50
+    assert len(applied) + len(done) >= 50
+    store = SQLiteConversationStore(path)
+    for n, key in enumerate(keys):
+        record = store.get(key)
+        assert record is not None and record.status is Status.SENT
+        assert [m["message_id"] for m in record.messages] == [f"SM{n:032d}"]
+
+
 # -- the CLI on the embedded default (SQLite store, sandbox sender) ---------------------------------
 
 
