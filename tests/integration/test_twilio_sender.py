@@ -634,3 +634,33 @@ def test_lookup_finds_a_message_sent_from_another_sender_of_the_messaging_servic
     assert [m.sid for m in found] == [twilio_fake.messages[0].sid]
     # while a company without that service does not count another sender's message as its own
     assert sender.find_sent(twilio_fake.credentials(), RECIPIENT, COMPANY, since) == []
+
+
+def test_lookup_reads_past_the_first_page_to_find_our_message(twilio_fake: TwilioFake) -> None:
+    # given our message, then 60 newer ones to the same recipient from another of the account's
+    # numbers (more than one page of the listing)
+    sender = _sender(twilio_fake)
+    since = utcnow() - timedelta(seconds=2)
+    ours = sender.send(twilio_fake.credentials(), _request())
+    for _ in range(60):
+        sender.send(twilio_fake.credentials(), _request(from_="+14155550000"))
+    # when the pipeline looks for its own, then it is found on the second page
+    found = sender.find_sent(twilio_fake.credentials(), RECIPIENT, COMPANY, since)
+    assert [m.sid for m in found] == [ours.sid]
+    assert twilio_fake.calls["list"] >= 2
+
+
+def test_lookup_that_cannot_see_the_whole_window_says_so_rather_than_absent(
+    twilio_fake: TwilioFake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import channel_processor.adapters.twilio_sender as twilio_sender
+
+    # given a scan bound lower than the messages inside the window (the real bound is 1,000)
+    monkeypatch.setattr(twilio_sender, "_LOOKUP_MAX_SCAN", 5)
+    sender = _sender(twilio_fake)
+    since = utcnow() - timedelta(seconds=2)
+    for _ in range(8):
+        sender.send(twilio_fake.credentials(), _request(from_="+14155550000"))
+    # when the pipeline looks for its message, then "cannot tell", never an empty answer
+    with pytest.raises(LookupUnavailable):
+        sender.find_sent(twilio_fake.credentials(), RECIPIENT, COMPANY, since)

@@ -276,6 +276,12 @@ class _HttpClient(TwilioHttpClient):  # type: ignore[misc]  # the SDK ships no t
 # --------------------------------------------------------------------------------------------
 
 
+# The lookup reads pages of this size, newest first, and gives up (LookupUnavailable) past this
+# many messages still inside the window rather than call a message absent it may not have seen.
+_LOOKUP_PAGE = 50
+_LOOKUP_MAX_SCAN = 1000
+
+
 class TwilioSender:
     """``ports.Sender`` on the Twilio SDK; one SDK client per account, templates cached."""
 
@@ -361,30 +367,42 @@ class TwilioSender:
         self, credentials: TwilioCredentials, to: str, from_: str, since: datetime
     ) -> list[SentMessage]:
         since_utc = (since if since.tzinfo else since.replace(tzinfo=UTC)).astimezone(UTC)
+        # date_created has whole seconds: compare to the second.
+        floor = since_utc.replace(microsecond=0)
+        ours = whatsapp_address(from_)
+        service = credentials.messaging_service_sid
         client = self.client_for(credentials)
+        result: list[SentMessage] = []
+        scanned = older_in_a_row = 0
         try:
             # No DateSent filter: a message still queued has no date_sent yet, and missing it
             # would read as "absent" and lead to a second send. No From filter either: with a
-            # Messaging Service, Twilio may send from another sender of its pool. The newest page
-            # to this recipient is enough (the window is minutes); we filter below.
-            found = client.messages.list(to=whatsapp_address(to), limit=50, page_size=50)
+            # Messaging Service, Twilio may send from another sender of its pool. Newest first,
+            # page by page, until a whole page is older than the send.
+            for message in client.messages.stream(to=whatsapp_address(to), page_size=_LOOKUP_PAGE):
+                scanned += 1
+                sent = _sent_message(message)
+                if sent is not None and sent.created_at is not None and sent.created_at < floor:
+                    older_in_a_row += 1
+                    if older_in_a_row >= _LOOKUP_PAGE:
+                        break
+                    continue
+                older_in_a_row = 0
+                if scanned > _LOOKUP_MAX_SCAN:
+                    # Absence could not be confirmed: "cannot tell" must never become a resend.
+                    raise LookupUnavailable(
+                        f"more than {_LOOKUP_MAX_SCAN} messages to this recipient since the send"
+                    )
+                sender = getattr(message, "from_", None)
+                via_service = service and getattr(message, "messaging_service_sid", None) == service
+                # No date means we cannot exclude it: counting it as ours is the side that never
+                # sends twice.
+                if sent is not None and (sender == ours or via_service):
+                    result.append(sent)
+        except LookupUnavailable:
+            raise
         except Exception as exc:
             raise classify_error(exc, "lookup") from exc
-        ours = whatsapp_address(from_)
-        service = credentials.messaging_service_sid
-        # date_created has whole seconds: compare to the second.
-        floor = since_utc.replace(microsecond=0)
-        result = []
-        for message in found:
-            sender = getattr(message, "from_", None)
-            via_service = service and getattr(message, "messaging_service_sid", None) == service
-            if sender != ours and not via_service:
-                continue
-            sent = _sent_message(message)
-            # No date means we cannot exclude it: counting it as ours is the side that never
-            # sends twice.
-            if sent is not None and (sent.created_at is None or sent.created_at >= floor):
-                result.append(sent)
         return result
 
 
