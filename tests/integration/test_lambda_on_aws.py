@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -180,3 +181,18 @@ def test_worker_processes_a_queue_like_the_lambda(aws: AwsWorld) -> None:
     assert len(aws.dlq_bodies()) == 1
     left = aws.client("sqs").receive_message(QueueUrl=aws.queue_url, WaitTimeSeconds=0)
     assert left.get("Messages", []) == []
+
+
+def test_a_recorded_sqs_event_file_is_handled_as_lambda_delivers_it(aws: AwsWorld) -> None:
+    # given an SQS event exactly as Lambda passes it (a sample file: valid, broken body, valid)
+    path = Path(__file__).resolve().parent.parent / "events" / "sqs_batch_valid_invalid_valid.json"
+    event = json.loads(path.read_text())
+    # when the handler runs it (the receipt handles are not the queue's: no heartbeat tick is due)
+    response = handler(event, LambdaContext())
+    # then the good two are sent, the broken one is dead-lettered with its reason, none retried
+    assert response == {"batchItemFailures": []}
+    assert aws.twilio.creates_to("+12025550123") == 1
+    assert aws.twilio.creates_to("+447911123456") == 1
+    [dead] = aws.dlq_bodies()
+    assert dead["source_message_id"] == event["Records"][1]["messageId"]
+    assert "not JSON" in dead["reasons"][0]
