@@ -566,14 +566,7 @@ class Pipeline:
             return self._needs_reconciliation(attempt, f"cannot verify the send: {exc}", record)
         if check.verdict is Verdict.FOUND:
             assert check.message is not None
-            pending = pending_update(
-                context.key,
-                record.send_attempt_id or "",
-                check.message,
-                record.draft,
-                processing_ms=ms_since_created(record, check.message.created_at or now),
-                now=now,
-            )
+            pending = found_message_update(record, check.message, now)
             self.deps.metrics.count("reconciled", how="redelivery_lookup")
             return self._finish(pending, attempt.delivery.deadline)
         if check.verdict is Verdict.UNKNOWN or (
@@ -889,6 +882,21 @@ def pending_update(
         message=message_entry(
             sid=sent.sid, at=sent.created_at or now, content=content, draft=draft
         ),
+    )
+
+
+def found_message_update(
+    record: ConversationRecord, message: SentMessage, now: datetime
+) -> PendingFinalUpdate:
+    """The final update for a message Twilio has that this attempt did not just send (found by a
+    lookup): its processing time runs from the record's creation to the message's creation."""
+    return pending_update(
+        record.key,
+        record.send_attempt_id or "",
+        message,
+        record.draft,
+        ms_since_created(record, message.created_at or now),
+        now,
     )
 
 

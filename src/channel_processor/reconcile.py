@@ -49,7 +49,7 @@ from channel_processor.errors import (
 from channel_processor.observability import log_context, logger
 from channel_processor.pipeline import (
     Dependencies,
-    pending_update,
+    found_message_update,
     write_final_update,
 )
 from channel_processor.ports import Clock, RepairEntry, TwilioCredentials
@@ -59,7 +59,6 @@ from channel_processor.send_check import (
     Verdict,
     check_send,
     lookup_since,
-    ms_since_created,
     take_over_send,
 )
 
@@ -495,15 +494,7 @@ class Reconciler:
         """The final update for a message Twilio has; processing time runs from the record's
         creation to the message's creation at Twilio (the request's whole wait)."""
         cid = record.conversation_id
-        now = self.clock.now()
-        pending = pending_update(
-            record.key,
-            record.send_attempt_id or "",
-            message,
-            record.draft,
-            ms_since_created(record, message.created_at or now),
-            now,
-        )
+        pending = found_message_update(record, message, self.clock.now())
         try:
             _, wrote = write_final_update(self.deps.store, pending)
         except (StateConflict, RetryableError) as exc:
@@ -618,14 +609,7 @@ def resolve_sent(
         logger.warning(
             "resolve: Twilio not asked for the message details", extra={"error": str(exc)}
         )
-    pending = pending_update(
-        record.key,
-        record.send_attempt_id or "",
-        message,
-        record.draft,
-        ms_since_created(record, message.created_at or now),
-        now,
-    )
+    pending = found_message_update(record, message, now)
     written = deps.store.update(
         record.key,
         Expect.status(Status.NEEDS_RECONCILIATION, send_attempt_id=record.send_attempt_id),

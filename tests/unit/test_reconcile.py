@@ -537,19 +537,19 @@ def sqlite_deps(path: Path, sender: FakeSender) -> Dependencies:
     )
 
 
-def test_given_two_reconcilers_at_once_over_50_repair_entries_on_sqlite_then_each_applied_once(
-    tmp_path: Path,
-) -> None:
-    path = tmp_path / "local.db"
-    sender = FakeSender()
-    keys = seed_repairs(SQLiteConversationStore(path), SQLiteRepairLog(path), 50)
-    # Records fresh inside the settle window: this run is about the repair log alone.
+def run_two_reconcilers_at_once(
+    path: Path, sender: FakeSender, visibility_seconds: float
+) -> list[Any]:
+    """Two reconcilers on one SQLite file started together; their summaries. The records are
+    fresh, inside the settle window: these runs are about the repair log alone."""
     settings = replace(World().settings, send_settle_seconds=60.0)
     barrier = threading.Barrier(2)
     summaries: list[Any] = []
 
     def run() -> None:
-        rec = Reconciler(sqlite_deps(path, sender), settings)
+        deps = sqlite_deps(path, sender)
+        deps.repair_log = SQLiteRepairLog(path, visibility_seconds=visibility_seconds)
+        rec = Reconciler(deps, settings)
         barrier.wait(timeout=5)
         summaries.append(rec.run())
 
@@ -558,6 +558,16 @@ def test_given_two_reconcilers_at_once_over_50_repair_entries_on_sqlite_then_eac
         thread.start()
     for thread in threads:
         thread.join(timeout=30)
+    return summaries
+
+
+def test_given_two_reconcilers_at_once_over_50_repair_entries_on_sqlite_then_each_applied_once(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "local.db"
+    sender = FakeSender()
+    keys = seed_repairs(SQLiteConversationStore(path), SQLiteRepairLog(path), 50)
+    summaries = run_two_reconcilers_at_once(path, sender, visibility_seconds=30.0)
 
     applied = [cid for s in summaries for cid in s.repairs_applied]
     assert len(summaries) == 2 and len(applied) == 50 and len(set(applied)) == 50
@@ -580,22 +590,7 @@ def test_two_reconcilers_that_both_receive_every_entry_still_apply_each_once(
     path = tmp_path / "local.db"
     sender = FakeSender()
     keys = seed_repairs(SQLiteConversationStore(path), SQLiteRepairLog(path), 50)
-    settings = replace(World().settings, send_settle_seconds=60.0)
-    barrier = threading.Barrier(2)
-    summaries: list[Any] = []
-
-    def run() -> None:
-        deps = sqlite_deps(path, sender)
-        deps.repair_log = SQLiteRepairLog(path, visibility_seconds=0)
-        rec = Reconciler(deps, settings)
-        barrier.wait(timeout=5)
-        summaries.append(rec.run())
-
-    threads = [threading.Thread(target=run) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
+    summaries = run_two_reconcilers_at_once(path, sender, visibility_seconds=0)
 
     # then every entry was dealt with by both, applied by exactly one, appended exactly once
     applied = [cid for s in summaries for cid in s.repairs_applied]
