@@ -88,7 +88,13 @@ from channel_processor.ports import (
     VisibilityExtender,
 )
 from channel_processor.secrets import parse_openai_key, parse_twilio_credentials
-from channel_processor.send_check import Verdict, check_send, ms_since_created, take_over_send
+from channel_processor.send_check import (
+    Verdict,
+    check_send,
+    mark_needs_reconciliation,
+    ms_since_created,
+    take_over_send,
+)
 
 
 class SystemClock:
@@ -508,8 +514,13 @@ class Pipeline:
             return self._release(attempt, exc, expect=sending, back_to_processing=True)
         except (SendOutcomeUnknown, Exception) as exc:
             return self._outcome_unknown(attempt, exc, send_attempt_id)
-        pending = self._pending_update(
-            context.key, send_attempt_id, sent, draft, processing_ms=self._elapsed_ms(attempt)
+        pending = pending_update(
+            context.key,
+            send_attempt_id,
+            sent,
+            draft,
+            self._elapsed_ms(attempt),
+            self.deps.clock.now(),
         )
         return self._finish(pending, attempt.delivery.deadline)
 
@@ -537,7 +548,7 @@ class Pipeline:
             logger.warning("could not note last_error", extra={"error": repr(err)})
         if self._is_last_receive(attempt.delivery):
             return self._needs_reconciliation(
-                attempt, f"send outcome unknown on the last receive: {exc!r}"
+                attempt, f"send outcome unknown on the last receive: {exc!r}", send_attempt_id
             )
         self.deps.metrics.count("retried", step="send_unknown")
         return self._retry_result(conversation_id, Status.SENDING, f"send outcome unknown: {exc!r}")
@@ -560,10 +571,14 @@ class Pipeline:
             )
         except RetryableError as exc:
             if self._is_last_receive(attempt.delivery):
-                return self._needs_reconciliation(attempt, f"cannot verify the send: {exc}", record)
+                return self._needs_reconciliation(
+                    attempt, f"cannot verify the send: {exc}", record.send_attempt_id
+                )
             return self._retry_result(context.conversation_id, record.status, f"verify: {exc}")
         except PermanentError as exc:
-            return self._needs_reconciliation(attempt, f"cannot verify the send: {exc}", record)
+            return self._needs_reconciliation(
+                attempt, f"cannot verify the send: {exc}", record.send_attempt_id
+            )
         if check.verdict is Verdict.FOUND:
             assert check.message is not None
             pending = found_message_update(record, check.message, now)
@@ -572,7 +587,7 @@ class Pipeline:
         if check.verdict is Verdict.UNKNOWN or (
             check.verdict is Verdict.SETTLING and self._is_last_receive(attempt.delivery)
         ):
-            return self._needs_reconciliation(attempt, check.reason, record)
+            return self._needs_reconciliation(attempt, check.reason, record.send_attempt_id)
         if check.verdict is Verdict.SETTLING:
             return self._retry_result(context.conversation_id, record.status, check.reason)
         draft = record.draft
@@ -589,7 +604,9 @@ class Pipeline:
         except (StateConflict, RetryableError) as exc:
             return self._retry_result(context.conversation_id, record.status, f"resend: {exc}")
         except PermanentError as exc:
-            return self._needs_reconciliation(attempt, f"cannot resend: {exc}", record)
+            return self._needs_reconciliation(
+                attempt, f"cannot resend: {exc}", record.send_attempt_id
+            )
         logger.info(
             "send confirmed absent after settle window; sending",
             extra={"event": "resend_after_verify"},
@@ -597,30 +614,18 @@ class Pipeline:
         return self._send(attempt, credentials, template, draft, send_attempt_id)
 
     def _needs_reconciliation(
-        self, attempt: _Attempt, reason: str, record: ConversationRecord | None = None
+        self, attempt: _Attempt, reason: str, send_attempt_id: str | None
     ) -> ProcessResult:
         context = attempt.context
-        now = self.deps.clock.now()
         status = Status.NEEDS_RECONCILIATION
         try:
-            self.deps.store.update(
-                context.key,
-                Expect.status(Status.SENDING),
-                {**status_change(status, now), "last_error": reason[:2000]},
+            mark_needs_reconciliation(
+                self.deps.store, context.key, send_attempt_id, reason, self.deps.clock.now()
             )
+            self.deps.metrics.count("needs_reconciliation")
         except Exception as exc:  # left `sending`: the reconciler's next pass asks Twilio again
             status = Status.SENDING
             logger.warning("could not mark needs_reconciliation", extra={"error": repr(exc)})
-        self.deps.metrics.count("needs_reconciliation")
-        logger.critical(
-            "send outcome could not be verified; record needs reconciliation, nothing resent",
-            extra={
-                "event": "needs_reconciliation",
-                "conversation_id": context.conversation_id,
-                "recipient": mask_phone(context.recipient_tel),
-                "reason": reason,
-            },
-        )
         if not self._forward_dead(attempt.delivery, [reason]):
             return self._retry_result(context.conversation_id, status, reason)
         return ProcessResult(
@@ -628,18 +633,6 @@ class Pipeline:
         )
 
     # -- step 8 -------------------------------------------------------------------------------------
-
-    def _pending_update(
-        self,
-        key: RecordKey,
-        send_attempt_id: str,
-        sent: SentMessage,
-        draft: Draft | None,
-        processing_ms: int,
-    ) -> PendingFinalUpdate:
-        return pending_update(
-            key, send_attempt_id, sent, draft, processing_ms, self.deps.clock.now()
-        )
 
     def _finish(self, pending: PendingFinalUpdate, deadline: float | None) -> ProcessResult:
         """Step 8. The message is sent whatever happens here, so this never asks for a retry."""

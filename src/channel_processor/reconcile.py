@@ -59,6 +59,7 @@ from channel_processor.send_check import (
     Verdict,
     check_send,
     lookup_since,
+    mark_needs_reconciliation,
     take_over_send,
 )
 
@@ -71,8 +72,6 @@ DEFAULT_BATCH_LIMIT = 100
 DEFAULT_MAX_REPAIRS = 1000
 # Time kept in hand before the deadline: a Twilio call plus one conditional write.
 _MARGIN_SECONDS = 2.0
-
-NEEDS_RECONCILIATION_EVENT = "needs_reconciliation"
 
 
 @dataclass
@@ -524,13 +523,8 @@ class Reconciler:
     ) -> None:
         cid = record.conversation_id
         try:
-            self.deps.store.update(
-                record.key,
-                Expect.status(Status.SENDING, send_attempt_id=record.send_attempt_id),
-                {
-                    **status_change(Status.NEEDS_RECONCILIATION, self.clock.now()),
-                    "last_error": reason[:2000],
-                },
+            mark_needs_reconciliation(
+                self.deps.store, record.key, record.send_attempt_id, reason, self.clock.now()
             )
         except StateConflict:
             summary.sending_waiting.append(cid)  # it moved on meanwhile: nothing to flag
@@ -542,15 +536,6 @@ class Reconciler:
         summary.needs_reconciliation.append(cid)
         summary.reasons[cid] = reason
         self.deps.metrics.count("needs_reconciliation")
-        logger.critical(
-            "send outcome could not be verified; record needs reconciliation, nothing resent",
-            extra={
-                "event": NEEDS_RECONCILIATION_EVENT,
-                "conversation_id": cid,
-                "recipient": mask_phone(record.primary_channel),
-                "reason": reason,
-            },
-        )
 
     def _write(self, record: ConversationRecord, expect: Expect, changes: dict[str, Any]) -> None:
         try:

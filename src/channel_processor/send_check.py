@@ -13,13 +13,19 @@ from enum import StrEnum
 from channel_processor.domain import (
     ConversationRecord,
     Expect,
+    RecordKey,
     SentMessage,
     Status,
     iso,
     lease_until,
+    mask_phone,
     parse_iso,
+    status_change,
 )
+from channel_processor.observability import logger
 from channel_processor.ports import ConversationStore, Sender, TwilioCredentials
+
+NEEDS_RECONCILIATION_EVENT = "needs_reconciliation"
 
 
 class Verdict(StrEnum):
@@ -119,6 +125,32 @@ def take_over_send(
         },
     )
     return send_attempt_id
+
+
+def mark_needs_reconciliation(
+    store: ConversationStore,
+    key: RecordKey,
+    send_attempt_id: str | None,
+    reason: str,
+    now: datetime,
+) -> None:
+    """``sending`` -> ``needs_reconciliation`` for this send attempt, then the one CRITICAL line
+    the alarm and the runbook expect. Raises ``StateConflict`` (the record moved on) or the
+    store's ``RetryableError``; then nothing is written and nothing is logged."""
+    store.update(
+        key,
+        Expect.status(Status.SENDING, send_attempt_id=send_attempt_id),
+        {**status_change(Status.NEEDS_RECONCILIATION, now), "last_error": reason[:2000]},
+    )
+    logger.critical(
+        "send outcome could not be verified; record needs reconciliation, nothing resent",
+        extra={
+            "event": NEEDS_RECONCILIATION_EVENT,
+            "conversation_id": key.conversation_id,
+            "recipient": mask_phone(key.primary_channel),
+            "reason": reason,
+        },
+    )
 
 
 def ms_since_created(record: ConversationRecord, sent_at: datetime) -> int:
