@@ -95,3 +95,21 @@ def test_installed_command_runs_the_example(local_store: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("sent ")
+
+
+class ClosedPipe(io.StringIO):
+    """A stdout whose reader has gone away (``... | head``)."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_output_piped_into_a_reader_that_stops_early_ends_quietly() -> None:
+    run("process", EXAMPLE)
+    err = io.StringIO()
+    code = main(["show", "--json", "nope-or-not"], stdout=ClosedPipe(), stderr=err)
+    assert code == EXIT_FAILED  # unknown id: stderr only, stdout untouched
+    _, out, _ = run("process", "--json", EXAMPLE)
+    conversation = json.loads(out)["conversation_id"]
+    code = main(["show", conversation], stdout=ClosedPipe(), stderr=err)
+    assert code == EXIT_OK and "Traceback" not in err.getvalue()

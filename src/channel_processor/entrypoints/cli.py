@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from collections import Counter
@@ -518,6 +519,12 @@ def main(
     except ProcessorError as exc:
         err.write(f"error: {exc}\n")
         return EXIT_FAILED
+    except BrokenPipeError:
+        # The reader went away (`... | head`): stop quietly, as other Unix tools do. Point stdout
+        # at /dev/null so the interpreter's own flush at exit does not fail a second time.
+        if out is sys.stdout:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     return EXIT_USAGE
 
 
